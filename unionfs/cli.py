@@ -1,0 +1,141 @@
+"""Argument parsing, logging set-up and exit codes; nothing else.
+
+    unionmount LAYER1:LAYER2:... [--upper DIR] [--workdir DIR] [-o OPTS] MOUNTPOINT
+    unionmount -o lowerdir=L1:L2,upperdir=U,workdir=W MOUNTPOINT      (fuse-overlayfs style)
+    unionmount SOURCE MOUNTPOINT -o ...                               (mount.fuse3 style)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import logging.handlers
+import os
+import sys
+
+from unionfs import __version__
+from unionfs.config import ConfigError, MountConfig, check_fuse, validate
+
+log = logging.getLogger(__name__)
+
+#: -o keys that configure the union itself; every other key is a FUSE option.
+_UNION_KEYS = {"lowerdir", "upperdir", "workdir"}
+#: fuse-overlayfs keys runtimes pass that need nothing from us.
+_TOLERATED = {"volatile", "fsync", "context", "xattr_permissions", "xattr", "noacl", "ro", "rw",
+              "dev", "suid", "nodev", "nosuid", "exec", "noexec", "noatime", "relatime",
+              "redirect_dir", "index", "metacopy", "userxattr", "threaded", "static_nlink",
+              "plugins", "timeout", "fast_ino", "uidmapping", "gidmapping", "squash_to_root",
+              "squash_to_uid", "squash_to_gid"}
+#: Options FUSE itself takes.
+_FUSE_KEYS = {"allow_other", "allow_root", "default_permissions", "no_default_permissions",
+              "no_allow_other", "max_read", "fsname", "subtype", "auto_unmount"}
+
+
+def split_options(text: str) -> list[str]:
+    """Split a comma-separated -o list; commas inside double quotes do not split."""
+    items, current, quoted = [], [], False
+    for char in text:
+        if char == '"':
+            quoted = not quoted
+        elif char == "," and not quoted:
+            items.append("".join(current))
+            current = []
+            continue
+        current.append(char)
+    items.append("".join(current))
+    return [item for item in items if item]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="unionmount",
+        description="Mount a union of read-only layers (top-most first) and an optional "
+                    "writable upper.")
+    parser.add_argument("positional", nargs="*", metavar="LAYERS MOUNTPOINT",
+                        help="LAYER1:LAYER2:... (top-most first) and the mountpoint")
+    parser.add_argument("--upper", help="the writable layer (without it: read-only)")
+    parser.add_argument("--workdir", help="scratch dir on the upper's filesystem "
+                        "(default: UPPER.work)")
+    parser.add_argument("-o", dest="options", action="append", default=[],
+                        help="mount options: lowerdir=,upperdir=,workdir= or FUSE options")
+    parser.add_argument("-f", "--foreground", action="store_true",
+                        help="stay in the foreground, log to stderr")
+    parser.add_argument("--debug", action="store_true", help="log every request")
+    parser.add_argument("--log", metavar="FILE", help="log to FILE")
+    parser.add_argument("--version", action="version", version=f"unionmount {__version__}")
+    return parser
+
+
+def parse_config(argv: list[str]) -> tuple[MountConfig, argparse.Namespace]:
+    args = _parser().parse_intermixed_args(argv)
+    keys: dict[str, str] = {}
+    fuse: set[str] = set()
+    fsync = True
+    for text in args.options:
+        for item in split_options(text):
+            key, _, value = item.partition("=")
+            if key in _UNION_KEYS:
+                keys[key] = value
+            elif key in _FUSE_KEYS:
+                fuse.add(item)
+            elif key == "fsync" and value == "0" or key == "volatile":
+                fsync = False
+            elif key in _TOLERATED:
+                log.debug("option %s ignored", item)
+            else:
+                print(f"unionmount: warning: unknown option {item!r} ignored", file=sys.stderr)
+    positional = list(args.positional)
+    if "lowerdir" in keys:
+        if len(positional) == 2:
+            positional = positional[1:]  # mount.fuse3: SOURCE MOUNTPOINT
+        if len(positional) != 1:
+            raise ConfigError("expected one MOUNTPOINT with -o lowerdir=")
+        lowers = keys["lowerdir"]
+        mountpoint = positional[0]
+    else:
+        if len(positional) != 2:
+            raise ConfigError("expected LAYERS and MOUNTPOINT (see --help)")
+        lowers, mountpoint = positional
+    upper = args.upper or keys.get("upperdir") or None
+    workdir = args.workdir or keys.get("workdir") or None
+    layers = tuple(layer for layer in lowers.split(":") if layer)
+    config = MountConfig(lowers=layers, upper=upper, workdir=workdir, mountpoint=mountpoint,
+                         fuse_options=frozenset(fuse), fsync=fsync)
+    return config, args
+
+
+def _setup_logging(args: argparse.Namespace, foreground: bool) -> None:
+    level = logging.DEBUG if args.debug else logging.INFO
+    handler: logging.Handler
+    if args.log:
+        handler = logging.FileHandler(args.log)
+    elif foreground:
+        handler = logging.StreamHandler(sys.stderr)
+    elif os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler(address="/dev/log")
+    else:
+        handler = logging.NullHandler()
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        config, args = parse_config(argv)
+        config = validate(config)
+        check_fuse()
+        from unionfs import mount  # pyfuse3 is imported only where it is needed
+
+        if args.foreground:
+            _setup_logging(args, foreground=True)
+            return mount.foreground(config)
+        return mount.daemonize(config, lambda: _setup_logging(args, foreground=False))
+    except ConfigError as exc:
+        print(f"unionmount: {exc}", file=sys.stderr)
+        return exc.exitcode
+    except KeyboardInterrupt:
+        return 130

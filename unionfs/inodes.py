@@ -1,0 +1,184 @@
+"""Inode numbers, lookup counts and forget; the file- and dir-handle tables.
+
+Inode numbers: a node's number comes from the layer inode of its origin (the
+entry it was first found as), like kernel overlayfs with all layers on one
+filesystem: ``st_ino`` for the first filesystem seen, with the filesystem's
+ordinal in the top bits for the others. A copied-up entry keeps its number for
+the life of the mount (`InodeTable.remember_copy`), so ``st_ino`` is stable
+across copy-up, and two names of one layer inode (hard links) are one node.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+
+import trio
+
+from unionfs.layers import Layer, ListedEntry
+
+ROOT_INODE = 1
+Key = tuple[int, int]
+
+
+def key_of(st: os.stat_result) -> Key:
+    return (st.st_dev, st.st_ino)
+
+
+class Node:
+    """One inode of the merged view.
+
+    ``parent``/``name``/``layer`` say where its entry lives now (for an indexed
+    hard link, ``index_name`` in the workdir's index instead). ``dir_layers`` is,
+    for a directory, every layer whose directory merges into it (top first).
+    ``links`` is every (parent, name) under which the kernel knows this node.
+    """
+
+    __slots__ = (
+        "inode", "parent", "name", "layer", "kind", "dir_layers", "lookups", "children",
+        "links", "unlinked", "index_name", "nlink_adjust", "keys", "listing", "copying",
+        "open_fds",
+    )
+
+    def __init__(self, inode: int, parent: Node | None, name: bytes, layer: Layer, kind: int,
+                 dir_layers: tuple[Layer, ...] = ()) -> None:
+        self.inode = inode
+        self.parent = parent
+        self.name = name
+        self.layer = layer
+        self.kind = kind
+        self.dir_layers = dir_layers
+        self.lookups = 0
+        self.children: dict[bytes, Node] = {}
+        self.links: set[tuple[Node, bytes]] = set()
+        self.unlinked = False
+        self.index_name: bytes | None = None
+        self.nlink_adjust = 0
+        self.keys: set[Key] = set()
+        self.listing: list[ListedEntry] | None = None
+        self.copying: trio.Event | None = None
+        self.open_fds: list[int] = []
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == stat.S_IFDIR
+
+    def __repr__(self) -> str:
+        return f"<Node {self.inode} {self.name!r} in {self.layer!r}>"
+
+
+class InodeTable:
+    """Live nodes by number and by layer key; lookup counts live here alone."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[int, Node] = {}
+        self._by_key: dict[Key, Node] = {}
+        self._copied: dict[Key, int] = {}
+        self._devs: dict[int, int] = {}
+        self._fresh = 1 << 62
+
+    def __getitem__(self, inode: int) -> Node:
+        return self.nodes[inode]
+
+    def get(self, inode: int) -> Node | None:
+        return self.nodes.get(inode)
+
+    def by_key(self, key: Key) -> Node | None:
+        return self._by_key.get(key)
+
+    def number_for(self, key: Key) -> int:
+        """The inode number for a layer entry, unique among live nodes."""
+        number = self._copied.get(key)
+        if number is None:
+            dev, ino = key
+            ordinal = self._devs.setdefault(dev, len(self._devs))
+            number = ino if ordinal == 0 else (ordinal << 56) ^ ino
+        if number <= ROOT_INODE or number in self.nodes:
+            self._fresh += 1
+            number = self._fresh
+        return number
+
+    def add(self, node: Node, key: Key) -> None:
+        self.nodes[node.inode] = node
+        self.add_key(node, key)
+
+    def add_key(self, node: Node, key: Key) -> None:
+        node.keys.add(key)
+        self._by_key[key] = node
+
+    def remember_copy(self, node: Node, key: Key) -> None:
+        """Record that *node* now lives at the layer entry *key* (after copy-up)."""
+        self._copied[key] = node.inode
+        self.add_key(node, key)
+
+    def link(self, node: Node, parent: Node, name: bytes) -> None:
+        """Record that *node* is known to the kernel as *name* in *parent*."""
+        old = parent.children.get(name)
+        if old is not None and old is not node:
+            old.links.discard((parent, name))
+        parent.children[name] = node
+        node.links.add((parent, name))
+
+    def unlink(self, parent: Node, name: bytes) -> Node | None:
+        node = parent.children.pop(name, None)
+        if node is not None:
+            node.links.discard((parent, name))
+        return node
+
+    def remember(self, node: Node) -> None:
+        """Count one more reference handed to the kernel (lookup, create, readdirplus)."""
+        node.lookups += 1
+
+    def forget(self, inode: int, count: int) -> Node | None:
+        """Drop *count* kernel references; returns the node when it is gone."""
+        node = self.nodes.get(inode)
+        if node is None or inode == ROOT_INODE:
+            return None
+        node.lookups -= count
+        if node.lookups > 0:
+            return None
+        del self.nodes[inode]
+        for key in node.keys:
+            if self._by_key.get(key) is node:
+                del self._by_key[key]
+        for parent, name in node.links:
+            if parent.children.get(name) is node:
+                del parent.children[name]
+        node.links.clear()
+        return node
+
+
+@dataclass
+class FileHandle:
+    fd: int
+    node: Node
+
+
+@dataclass
+class DirHandle:
+    node: Node
+    entries: list[ListedEntry] = field(default_factory=list)
+
+
+class HandleTable:
+    """Open files and directories by handle number (never reusing inode numbers)."""
+
+    def __init__(self) -> None:
+        self.files: dict[int, FileHandle] = {}
+        self.dirs: dict[int, DirHandle] = {}
+        self._next = 0
+
+    def _number(self) -> int:
+        self._next += 1
+        return self._next
+
+    def add_file(self, handle: FileHandle) -> int:
+        fh = self._number()
+        self.files[fh] = handle
+        return fh
+
+    def add_dir(self, handle: DirHandle) -> int:
+        fh = self._number()
+        self.dirs[fh] = handle
+        return fh

@@ -1,0 +1,235 @@
+"""Layers and the stack: top-down resolution and merged listings.
+
+A `Layer` is a directory opened once; every later syscall on it is relative to
+a directory fd and never follows a symlink, so a hostile layer (a symlink
+where a directory is expected) cannot lead us out of it.
+
+Resolution rules (kernel overlayfs is the reference):
+  - layers are searched top-down; the first entry found wins;
+  - a whiteout (char 0/0, or an OCI ``.wh.NAME`` beside it) hides the name in
+    every layer below and stops the search;
+  - a non-directory hides everything below;
+  - directories merge with the directories below until one is opaque; a
+    non-directory or a whiteout below a directory stops the merge too.
+`find_entry` (lookup) and `merged_listing` (readdir) apply the same rules,
+so a name that a listing does not show is never found by lookup either.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import os
+import stat
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+from unionfs import whiteout
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass(eq=False)
+class Layer:
+    """One layer of the stack. ``index`` 0 is the top; the upper, if any, is index 0."""
+
+    index: int
+    path: str
+    fd: int
+    writable: bool
+
+    @property
+    def label(self) -> str:
+        """How the layer is named to users (``upper`` for the writable layer)."""
+        return "upper" if self.writable else self.path
+
+    def __repr__(self) -> str:
+        return f"<Layer {self.index} {self.label}>"
+
+
+def open_layer(index: int, path: str, writable: bool) -> Layer:
+    """Open the layer root. The path given by the user may itself be a symlink."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    return Layer(index=index, path=path, fd=fd, writable=writable)
+
+
+def lstat_at(dir_fd: int, name: bytes) -> os.stat_result | None:
+    """lstat *name* in *dir_fd*; None when absent."""
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def open_dir_at(dir_fd: int, name: bytes) -> int:
+    """Open the directory *name* in *dir_fd*, refusing symlinks (ELOOP/ENOTDIR)."""
+    return os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+
+
+@dataclass(frozen=True)
+class Found:
+    """The result of resolving a name: the entry that wins and, for a directory,
+    every layer whose directory merges into it (top first)."""
+
+    layer: Layer
+    st: os.stat_result
+    dir_layers: tuple[Layer, ...]
+    #: Layers below the winning entry that also hold the name (shadowed), for inspection.
+    lower_hit: bool
+
+
+DirFdGetter = Callable[[Layer], int]
+
+
+def find_entry(
+    parent_layers: Sequence[Layer], fd_of: DirFdGetter, name: bytes,
+    child_fd: Callable[[Layer, int, bytes], int] | None = None,
+) -> Found | None:
+    """Resolve *name* in a merged directory made of *parent_layers* (top first).
+
+    *fd_of(layer)* gives the parent directory's fd in that layer. *child_fd*, when
+    given, opens (and may cache) the child directory in a layer, for the opacity check.
+    Returns None when the name is absent or whited out; raises OSError on I/O errors.
+    """
+    winner: tuple[Layer, os.stat_result] | None = None
+    dirs: list[Layer] = []
+    for pos, layer in enumerate(parent_layers):
+        fd = fd_of(layer)
+        st = lstat_at(fd, name)
+        if st is None:
+            if whiteout.has_oci_whiteout(fd, name):
+                break
+            continue
+        if whiteout.is_whiteout(st):
+            break
+        if not stat.S_ISDIR(st.st_mode):
+            if winner is None:
+                return Found(layer, st, (), _lower_has(parent_layers[pos + 1 :], fd_of, name))
+            break
+        if winner is None:
+            winner = (layer, st)
+        dirs.append(layer)
+        if pos + 1 < len(parent_layers) and _dir_is_opaque(layer, fd, name, child_fd):
+            break
+    if winner is None:
+        return None
+    return Found(winner[0], winner[1], tuple(dirs), len(dirs) > 1)
+
+
+def _lower_has(layers: Sequence[Layer], fd_of: DirFdGetter, name: bytes) -> bool:
+    return any(lstat_at(fd_of(layer), name) is not None for layer in layers)
+
+
+def _dir_is_opaque(
+    layer: Layer, parent_fd: int, name: bytes,
+    child_fd: Callable[[Layer, int, bytes], int] | None,
+) -> bool:
+    if child_fd is not None:
+        return whiteout.is_opaque_fd(child_fd(layer, parent_fd, name))
+    fd = open_dir_at(parent_fd, name)
+    try:
+        return whiteout.is_opaque_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def lower_exists(layers: Sequence[Layer], fd_of: DirFdGetter, name: bytes) -> bool:
+    """True when *name* resolves to an entry in the merged view of *layers* alone.
+
+    Used to decide whether deleting a name needs a whiteout.
+    """
+    return find_entry(layers, fd_of, name) is not None
+
+
+@dataclass(frozen=True)
+class ListedEntry:
+    name: bytes
+    layer: Layer
+    is_dir: bool
+
+
+def merged_listing(dir_layers: Sequence[Layer], fd_of: DirFdGetter) -> list[ListedEntry]:
+    """The union of the directories in *dir_layers* (top first), once per name.
+
+    Whiteouts and OCI markers hide names below them and are never listed.
+    """
+    seen: dict[bytes, ListedEntry | None] = {}
+    for layer in dir_layers:
+        fd = fd_of(layer)
+        hidden: list[bytes] = []
+        for name, is_dir, needs_stat in _scan(fd):
+            if whiteout.is_marker_name(name):
+                target = whiteout.whited_out_name(name)
+                if target is not None:
+                    hidden.append(target)
+                continue
+            if name in seen:
+                continue
+            if needs_stat:
+                st = lstat_at(fd, name)
+                if st is None:
+                    continue
+                if whiteout.is_whiteout(st):
+                    seen[name] = None
+                    continue
+            seen[name] = ListedEntry(name, layer, is_dir)
+        for name in hidden:
+            seen.setdefault(name, None)
+    return [entry for entry in seen.values() if entry is not None]
+
+
+def _scan(fd: int) -> Iterator[tuple[bytes, bool, bool]]:
+    """(name, is_dir, needs_stat) for each entry of the directory at *fd*.
+
+    os.scandir on an fd works on its own dup and rewinds it when done; it yields str
+    names, and os.fsencode gives back the exact bytes. Only entries whose type d_type
+    cannot tell apart from a whiteout (char devices and the like) need an lstat.
+    """
+    with os.scandir(fd) as it:
+        for entry in it:
+            is_dir = entry.is_dir(follow_symlinks=False)
+            simple = is_dir or entry.is_file(follow_symlinks=False) or entry.is_symlink()
+            yield os.fsencode(entry.name), is_dir, not simple
+
+
+class DirFdCache:
+    """A bounded LRU of open directory fds, keyed by (inode, layer index).
+
+    Holding one fd per directory and layer for as long as the kernel knows the
+    directory would exhaust the fd limit on large trees (fuse-overlayfs #34, #210);
+    a miss costs one openat from the parent's fd.
+    """
+
+    def __init__(self, capacity: int = 2048) -> None:
+        self.capacity = capacity
+        self._fds: collections.OrderedDict[tuple[int, int], int] = collections.OrderedDict()
+
+    def get(self, key: tuple[int, int]) -> int | None:
+        fd = self._fds.get(key)
+        if fd is not None:
+            self._fds.move_to_end(key)
+        return fd
+
+    def put(self, key: tuple[int, int], fd: int) -> None:
+        old = self._fds.pop(key, None)
+        if old is not None and old != fd:
+            os.close(old)
+        self._fds[key] = fd
+        while len(self._fds) > self.capacity:
+            _, victim = self._fds.popitem(last=False)
+            os.close(victim)
+
+    def drop_inode(self, inode: int, layer_indices: Sequence[int]) -> None:
+        for index in layer_indices:
+            fd = self._fds.pop((inode, index), None)
+            if fd is not None:
+                os.close(fd)
+
+    def clear(self) -> None:
+        while self._fds:
+            _, fd = self._fds.popitem()
+            os.close(fd)
+
+
+def is_enoent(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOENT, errno.ENOTDIR)

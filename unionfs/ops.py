@@ -1,0 +1,333 @@
+"""The pyfuse3.Operations subclass: a thin adapter and the one errno boundary.
+
+Every handler decodes its arguments, calls `Union`, and builds the reply. An
+OSError becomes a FUSEError with its errno here and nowhere else; any other
+exception is logged with its traceback and answered with EIO, so no single
+request can kill the daemon (pyfuse3 would otherwise end its main loop).
+
+Caching: lower layers never change and every change goes through this daemon,
+so entries, attributes and negative lookups get long timeouts and file pages
+are kept (keep_cache); what a change touches is already known to the kernel.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import pyfuse3
+
+from unionfs.inodes import DirHandle, FileHandle, HandleTable, Node
+from unionfs.union import Caller, SetAttrs, Union
+
+log = logging.getLogger(__name__)
+
+#: Seconds the kernel may cache entries and attributes (the layers are ours alone).
+CACHE_TIMEOUT = 86400.0
+
+T = TypeVar("T")
+
+
+def boundary(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Turn OSError into FUSEError; log anything else and answer EIO."""
+
+    @functools.wraps(handler)
+    async def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return await handler(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as exc:
+            if exc.errno is None:
+                log.exception("%s: OSError without errno", handler.__name__)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+            log.debug("%s: %s", handler.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except Exception:
+            log.exception("unexpected error in %s; answered EIO", handler.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+def _caller(ctx: pyfuse3.RequestContext) -> Caller:
+    return Caller(uid=ctx.uid, gid=ctx.gid, umask=ctx.umask)
+
+
+class UnionOperations(pyfuse3.Operations):
+    """FUSE requests on a `Union`."""
+
+    enable_acl = True
+
+    def __init__(self, union: Union) -> None:
+        super().__init__()
+        self.union = union
+        self.handles = HandleTable()
+
+    # ------------------------------------------------------------ helpers
+
+    def _node(self, inode: int) -> Node:
+        node = self.union.table.get(inode)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        return node
+
+    def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        st = self.union.stat(node)
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = node.inode
+        entry.generation = 0
+        entry.entry_timeout = CACHE_TIMEOUT
+        entry.attr_timeout = CACHE_TIMEOUT
+        entry.st_mode = st.st_mode
+        entry.st_nlink = self.union.nlink(node, st)
+        entry.st_uid = st.st_uid
+        entry.st_gid = st.st_gid
+        entry.st_rdev = st.st_rdev
+        entry.st_size = st.st_size
+        entry.st_blksize = st.st_blksize
+        entry.st_blocks = st.st_blocks
+        entry.st_atime_ns = st.st_atime_ns
+        entry.st_mtime_ns = st.st_mtime_ns
+        entry.st_ctime_ns = st.st_ctime_ns
+        return entry
+
+    def _reply_entry(self, node: Node) -> pyfuse3.EntryAttributes:
+        """Attributes for a reply that hands the kernel a reference (counted here)."""
+        entry = self._attrs(node)
+        self.union.table.remember(node)
+        return entry
+
+    # ------------------------------------------------------------ lookup & attributes
+
+    @boundary
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self._node(parent_inode)
+        if name == b".":
+            return self._reply_entry(parent)
+        if name == b"..":
+            return self._reply_entry(parent.parent or parent)
+        node = self.union.lookup(parent, name)
+        if node is None:
+            # A negative entry the kernel may cache: only we change the tree.
+            entry = pyfuse3.EntryAttributes()
+            entry.st_ino = 0
+            entry.entry_timeout = CACHE_TIMEOUT
+            return entry
+        return self._reply_entry(node)
+
+    @boundary
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for inode, count in inode_list:
+            self.union.forget(inode, count)
+
+    @boundary
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attrs(self._node(inode))
+
+    @boundary
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        handle = self.handles.files.get(fh) if fh is not None else None
+        attrs = SetAttrs(
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=attr.st_size if fields.update_size else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+        )
+        await self.union.setattr(node, attrs, handle.fd if handle else None)
+        return self._attrs(node)
+
+    @boundary
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return self.union.readlink(self._node(inode))
+
+    @boundary
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        sv = self.union.statvfs()
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = sv.f_bsize
+        data.f_frsize = sv.f_frsize
+        data.f_blocks = sv.f_blocks
+        data.f_bfree = sv.f_bfree
+        data.f_bavail = sv.f_bavail
+        data.f_files = sv.f_files
+        data.f_ffree = sv.f_ffree
+        data.f_favail = sv.f_favail
+        data.f_namemax = sv.f_namemax
+        return data
+
+    @boundary
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        # Permissions are checked by the kernel (default_permissions).
+        self._node(inode)
+        return True
+
+    # ------------------------------------------------------------ creating & removing
+
+    @boundary
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = await self.union.mkdir(self._node(parent_inode), name, mode, _caller(ctx))
+        return self._reply_entry(node)
+
+    @boundary
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = await self.union.mknod(self._node(parent_inode), name, mode, rdev, _caller(ctx))
+        return self._reply_entry(node)
+
+    @boundary
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = await self.union.symlink(self._node(parent_inode), name, target, _caller(ctx))
+        return self._reply_entry(node)
+
+    @boundary
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = await self.union.link(self._node(inode), self._node(new_parent_inode), new_name)
+        return self._reply_entry(node)
+
+    @boundary
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self.union.unlink(self._node(parent_inode), name)
+
+    @boundary
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self.union.rmdir(self._node(parent_inode), name)
+
+    @boundary
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        await self.union.rename(self._node(parent_inode_old), name_old,
+                                self._node(parent_inode_new), name_new, flags)
+
+    # ------------------------------------------------------------ files
+
+    def _file_info(self, node: Node, fd: int) -> pyfuse3.FileInfo:
+        node.open_fds.append(fd)
+        fh = self.handles.add_file(FileHandle(fd, node))
+        # Every change to a file's data goes through us: its cached pages stay valid.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    @boundary
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        fd = await self.union.open(node, flags)
+        return self._file_info(node, fd)
+
+    @boundary
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext
+                     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        node, fd = await self.union.create(self._node(parent_inode), name, mode, flags,
+                                           _caller(ctx))
+        return self._file_info(node, fd), self._reply_entry(node)
+
+    @boundary
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return os.pread(self.handles.files[fh].fd, size, off)
+
+    @boundary
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return os.pwrite(self.handles.files[fh].fd, buf, off)
+
+    @boundary
+    async def flush(self, fh: int) -> None:
+        return None
+
+    @boundary
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        fd = self.handles.files[fh].fd
+        sync = os.fdatasync if datasync else os.fsync
+        await _in_thread(sync, fd)
+
+    @boundary
+    async def release(self, fh: int) -> None:
+        handle = self.handles.files.pop(fh)
+        handle.node.open_fds.remove(handle.fd)
+        os.close(handle.fd)
+
+    # ------------------------------------------------------------ directories
+
+    @boundary
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = self._node(inode)
+        return self.handles.add_dir(DirHandle(node, list(self.union.listing(node))))
+
+    @boundary
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        handle = self.handles.dirs[fh]
+        node = handle.node
+        if start_id == 0:
+            # Offsets index a snapshot taken at opendir or at a rewind, so they stay
+            # valid while entries come and go (telldir/seekdir).
+            handle.entries = list(self.union.listing(node))
+        position = start_id
+        while position < 2:
+            dot = node if position == 0 else (node.parent or node)
+            # "." and ".." take no kernel reference in readdirplus.
+            if not pyfuse3.readdir_reply(token, b"." if position == 0 else b"..",
+                                         self._attrs(dot), position + 1):
+                return
+            position += 1
+        for index in range(position - 2, len(handle.entries)):
+            entry = handle.entries[index]
+            child = self.union.child_for_listing(node, entry)
+            if child is None:
+                continue
+            try:
+                attrs = self._attrs(child)
+            except FileNotFoundError:
+                continue
+            if not pyfuse3.readdir_reply(token, entry.name, attrs, index + 3):
+                return
+            self.union.table.remember(child)
+
+    @boundary
+    async def releasedir(self, fh: int) -> None:
+        del self.handles.dirs[fh]
+
+    @boundary
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        return None
+
+    # ------------------------------------------------------------ xattrs
+
+    @boundary
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        return self.union.getxattr(self._node(inode), os.fsdecode(name))
+
+    @boundary
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return [os.fsencode(name) for name in self.union.listxattr(self._node(inode))]
+
+    @boundary
+    async def setxattr(self, inode: int, name: bytes, value: bytes,
+                       ctx: pyfuse3.RequestContext) -> None:
+        await self.union.setxattr(self._node(inode), os.fsdecode(name), value)
+
+    @boundary
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self.union.removexattr(self._node(inode), os.fsdecode(name))
+
+
+async def _in_thread(call: Callable[[int], None], fd: int) -> None:
+    import trio
+
+    await trio.to_thread.run_sync(call, fd)
+
+
+def mode_is_dir(mode: int) -> bool:
+    return stat.S_ISDIR(mode)

@@ -1,0 +1,23 @@
+"""System calls the os module lacks (renameat2), through ctypes."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+RENAME_NOREPLACE = 1 << 0
+RENAME_EXCHANGE = 1 << 1
+RENAME_WHITEOUT = 1 << 2
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_renameat2 = _libc.renameat2
+_renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+_renameat2.restype = ctypes.c_int
+
+
+def renameat2(olddirfd: int, oldname: bytes, newdirfd: int, newname: bytes, flags: int = 0) -> None:
+    """renameat2(2); raises OSError with the call's errno."""
+    if _renameat2(olddirfd, oldname, newdirfd, newname, flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), oldname, None, newname)

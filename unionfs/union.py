@@ -1,0 +1,759 @@
+"""The merged tree: lookup, listing and every change, in terms of nodes.
+
+Plain Python on trio (no pyfuse3): `ops.py` adapts it to FUSE. Core code raises
+OSError with the errno the caller should see.
+
+Atomicity (trio): a method with no ``await`` runs without interruption. The
+awaits are: waiting for a node's copy-up to finish (`settle`), and the data
+copy of a large copy-up, which runs in a worker thread. Across that await the
+node is marked ``copying``; every method that changes the node or its name
+settles first, so no two changes to one entry interleave. Directory fds are
+re-fetched from the cache after each await (the cache may have closed them).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from unionfs import copyup, whiteout
+from unionfs.inodes import ROOT_INODE, InodeTable, Node, key_of
+from unionfs.layers import (
+    DirFdCache,
+    Found,
+    Layer,
+    ListedEntry,
+    find_entry,
+    lstat_at,
+    merged_listing,
+    open_dir_at,
+)
+from unionfs.sysc import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, renameat2
+
+log = logging.getLogger(__name__)
+
+#: Copy-ups of files at least this large run their data copy in a worker thread.
+THREAD_COPY_MIN = 1 << 20
+
+
+def _err(code: int, what: bytes | str = "") -> OSError:
+    return OSError(code, os.strerror(code), what)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who asks: the owner of what they create."""
+
+    uid: int
+    gid: int
+    umask: int
+
+
+@dataclass(frozen=True)
+class SetAttrs:
+    """What a setattr changes; None means unchanged."""
+
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    size: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+
+
+class Union:
+    """The merged view of a stack of layers, the upper (if any) on top."""
+
+    def __init__(self, layers: list[Layer], work_fd: int | None, index_fd: int | None) -> None:
+        self.layers = layers
+        self.upper: Layer | None = layers[0] if layers[0].writable else None
+        self.work_fd = work_fd
+        self.index_fd = index_fd
+        self.table = InodeTable()
+        self.fds = DirFdCache()
+        top = layers[0]
+        root_dirs: list[Layer] = []
+        for pos, layer in enumerate(layers):
+            root_dirs.append(layer)
+            if pos + 1 < len(layers) and whiteout.is_opaque_fd(layer.fd):
+                break
+        self.root = Node(ROOT_INODE, None, b"", top, stat.S_IFDIR, tuple(root_dirs))
+        self.root.lookups = 1
+        self.table.add(self.root, key_of(os.fstat(top.fd)))
+
+    # ---------------------------------------------------------------- locating
+
+    def dir_fd(self, node: Node, layer: Layer) -> int:
+        """A real fd of directory *node* in *layer* (cached; valid until the next call
+        that may open another directory)."""
+        if node.parent is None:
+            return layer.fd
+        key = (node.inode, layer.index)
+        fd = self.fds.get(key)
+        if fd is None:
+            fd = open_dir_at(self.dir_fd(node.parent, layer), node.name)
+            self.fds.put(key, fd)
+        return fd
+
+    def location(self, node: Node) -> tuple[int, bytes]:
+        """(directory fd, name) of the entry that holds *node*'s data and metadata."""
+        if node.index_name is not None:
+            assert self.index_fd is not None
+            return self.index_fd, node.index_name
+        assert node.parent is not None, "the root has no location"
+        return self.dir_fd(node.parent, node.layer), node.name
+
+    def _fd_of(self, node: Node) -> Callable[[Layer], int]:
+        return functools.partial(self.dir_fd, node)
+
+    def upper_fd(self, node: Node) -> int:
+        assert self.upper is not None
+        return self.dir_fd(node, self.upper)
+
+    def _lower_layers(self, node: Node) -> tuple[Layer, ...]:
+        return tuple(layer for layer in node.dir_layers if not layer.writable)
+
+    def lower_has(self, parent: Node, name: bytes) -> bool:
+        """True when *name* in *parent* resolves in the lower layers alone: deleting it
+        from the merged view needs a whiteout."""
+        return find_entry(self._lower_layers(parent), self._fd_of(parent), name) is not None
+
+    # ---------------------------------------------------------------- lookup
+
+    def lookup(self, parent: Node, name: bytes) -> Node | None:
+        """The node for *name* in *parent*, or None. Does not count a kernel reference."""
+        if whiteout.is_marker_name(name):
+            return None
+        child = parent.children.get(name)
+        if child is not None:
+            return child
+        found = find_entry(parent.dir_layers, self._fd_of(parent), name)
+        if found is None:
+            return None
+        return self._node_for(parent, name, found)
+
+    def _node_for(self, parent: Node, name: bytes, found: Found) -> Node:
+        st = found.st
+        layer = found.layer
+        index_name = None
+        if (not stat.S_ISDIR(st.st_mode) and not layer.writable and st.st_nlink > 1
+                and self.index_fd is not None):
+            candidate = index_name_for(st)
+            indexed = lstat_at(self.index_fd, candidate)
+            if indexed is not None:
+                index_name, layer = candidate, self.upper  # type: ignore[assignment]
+                st = indexed
+        key = key_of(st)
+        node = self.table.by_key(key)
+        if node is None or node.unlinked or node.kind != stat.S_IFMT(st.st_mode):
+            node = Node(self.table.number_for(key_of(found.st)), parent, name, layer,
+                        stat.S_IFMT(st.st_mode), found.dir_layers)
+            node.index_name = index_name
+            self.table.add(node, key)
+            self.table.add_key(node, key_of(found.st))
+        self.table.link(node, parent, name)
+        return node
+
+    def child_for_listing(self, parent: Node, entry: ListedEntry) -> Node | None:
+        """The node of a listed entry (readdirplus), found without searching every layer
+        again for non-directories."""
+        child = parent.children.get(entry.name)
+        if child is not None:
+            return child
+        if entry.is_dir:
+            return self.lookup(parent, entry.name)
+        st = lstat_at(self.dir_fd(parent, entry.layer), entry.name)
+        if st is None:
+            return None
+        return self._node_for(parent, entry.name, Found(entry.layer, st, (), False))
+
+    def listing(self, node: Node) -> list[ListedEntry]:
+        """The merged entries of directory *node*, cached until a change in it."""
+        if node.listing is None:
+            node.listing = merged_listing(node.dir_layers, self._fd_of(node))
+        return node.listing
+
+    @staticmethod
+    def _changed(directory: Node) -> None:
+        directory.listing = None
+
+    # ---------------------------------------------------------------- attributes
+
+    def stat(self, node: Node) -> os.stat_result:
+        """The layer's stat of *node*'s entry (not yet adjusted for the merged view)."""
+        if node.unlinked:
+            if node.open_fds:
+                return os.fstat(node.open_fds[0])
+            raise _err(errno.ENOENT)
+        if node.is_dir:
+            return os.fstat(self.dir_fd(node, node.layer))
+        fd, name = self.location(node)
+        st = lstat_at(fd, name)
+        if st is None:
+            if node.open_fds:
+                return os.fstat(node.open_fds[0])
+            raise _err(errno.ENOENT, name)
+        return st
+
+    def nlink(self, node: Node, st: os.stat_result) -> int:
+        if node.unlinked:
+            return 0
+        if node.is_dir:
+            # Like the kernel: a directory merged from several layers reports 1
+            # ("unknown", find(1) then does not trust it to count subdirectories).
+            return 1 if len(node.dir_layers) > 1 else st.st_nlink
+        return max(1, st.st_nlink + node.nlink_adjust)
+
+    # ---------------------------------------------------------------- copy-up
+
+    def _need_upper(self) -> Layer:
+        if self.upper is None:
+            raise _err(errno.EROFS)
+        return self.upper
+
+    async def settle(self, node: Node) -> None:
+        """Wait until no copy-up of *node* is under way."""
+        while node.copying is not None:
+            await node.copying.wait()
+
+    async def copy_up(self, node: Node, with_data: bool = True) -> None:
+        """Make *node* live in the upper, its parents first."""
+        upper = self._need_upper()
+        await self.settle(node)
+        if node.layer is upper:
+            return
+        assert node.parent is not None
+        await self.copy_up(node.parent)
+        await self.settle(node)
+        if node.layer is upper:
+            return
+        node.copying = trio.Event()
+        try:
+            if node.is_dir:
+                self._copy_up_dir(node, upper)
+            else:
+                await self._copy_up_file(node, upper, with_data)
+        finally:
+            event, node.copying = node.copying, None
+            event.set()
+
+    def _copy_up_dir(self, node: Node, upper: Layer) -> None:
+        assert node.parent is not None and self.work_fd is not None
+        src_fd = self.dir_fd(node, node.layer)
+        tmp = copyup.make_dir_copy(src_fd, os.fstat(src_fd), self.work_fd)
+        parent_fd = self.upper_fd(node.parent)
+        try:
+            os.rename(tmp, node.name, src_dir_fd=self.work_fd, dst_dir_fd=parent_fd)
+        except BaseException:
+            copyup.discard(self.work_fd, tmp)
+            raise
+        node.layer = upper
+        node.dir_layers = (upper, *node.dir_layers)
+        self.table.remember_copy(node, key_of(os.fstat(self.dir_fd(node, upper))))
+
+    async def _copy_up_file(self, node: Node, upper: Layer, with_data: bool) -> None:
+        assert node.parent is not None and self.work_fd is not None
+        work_fd = self.work_fd
+        src_dir, src_name = self.location(node)
+        st = os.stat(src_name, dir_fd=src_dir, follow_symlinks=False)
+        index_name = None
+        if st.st_nlink > 1 and self.index_fd is not None:
+            index_name = index_name_for(st)
+        tmp, src, dst = copyup.start_file_copy(src_dir, src_name, st, work_fd, with_data)
+        if src is not None and dst is not None:
+            try:
+                if st.st_size >= THREAD_COPY_MIN:
+                    # Invariant across this await: node.copying is set, so nothing else
+                    # changes this entry; the temporary is ours alone.
+                    await trio.to_thread.run_sync(copyup.copy_data, src, dst, st.st_size)
+                else:
+                    copyup.copy_data(src, dst, st.st_size)
+            except BaseException:
+                copyup.discard(work_fd, tmp)
+                raise
+            finally:
+                os.close(src)
+                os.close(dst)
+        src_dir, src_name = self.location(node)
+        copyup.finish_file_copy(src_dir, src_name, st, work_fd, tmp)
+        parent_fd = self.upper_fd(node.parent)
+        try:
+            if index_name is not None and self.index_fd is not None:
+                os.link(tmp, index_name, src_dir_fd=work_fd, dst_dir_fd=self.index_fd)
+            os.rename(tmp, node.name, src_dir_fd=work_fd, dst_dir_fd=parent_fd)
+        except BaseException:
+            copyup.discard(work_fd, tmp)
+            raise
+        node.layer = upper
+        if index_name is not None:
+            node.index_name = index_name
+        fd, name = self.location(node)
+        new = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        self.table.remember_copy(node, key_of(new))
+
+    async def _name_in_upper(self, node: Node, parent: Node, name: bytes) -> int:
+        """Make sure the entry *name* in *parent* (a name of *node*) exists in the upper.
+
+        A hard link whose data was copied up through another name may still have this
+        name only in a lower layer: link it to the upper copy. Returns the parent's
+        upper fd.
+        """
+        await self.copy_up(node)
+        await self.copy_up(parent)
+        parent_fd = self.upper_fd(parent)
+        if lstat_at(parent_fd, name) is None:
+            src_dir, src_name = self.location(node)
+            os.link(src_name, name, src_dir_fd=src_dir, dst_dir_fd=parent_fd,
+                    follow_symlinks=False)
+        return parent_fd
+
+    # ---------------------------------------------------------------- creating
+
+    @staticmethod
+    def check_name(name: bytes) -> None:
+        if whiteout.is_marker_name(name):
+            # OCI layers reserve ".wh." names for their markers.
+            raise _err(errno.EINVAL, name)
+
+    async def _prepare_create(self, parent: Node, name: bytes) -> int:
+        self._need_upper()
+        self.check_name(name)
+        if self.lookup(parent, name) is not None:
+            raise _err(errno.EEXIST, name)
+        await self.copy_up(parent)
+        if self.lookup(parent, name) is not None:  # created while we copied up
+            raise _err(errno.EEXIST, name)
+        return self.upper_fd(parent)
+
+    def _owner(self, parent: Node, caller: Caller) -> tuple[int, int, bool]:
+        pst = os.fstat(self.upper_fd(parent))
+        setgid = bool(pst.st_mode & stat.S_ISGID)
+        return caller.uid, (pst.st_gid if setgid else caller.gid), setgid
+
+    def _place(self, parent: Node, name: bytes, build: Callable[[int, bytes], None],
+               is_dir: bool) -> None:
+        """Create *name* in the upper of *parent* with *build(dir_fd, name)*.
+
+        Over a whiteout, the entry is built in the workdir first and renamed into
+        place, so the name is never visible half-made; a directory that replaces a
+        whiteout is made opaque, so the lower directory it deletes stays deleted.
+        """
+        assert self.work_fd is not None
+        parent_fd = self.upper_fd(parent)
+        existing = lstat_at(parent_fd, name)
+        marker = whiteout.has_oci_whiteout(parent_fd, name)
+        if existing is None and not marker:
+            build(parent_fd, name)
+            return
+        tmp = copyup.temp_name()
+        build(self.work_fd, tmp)
+        try:
+            if is_dir:
+                fd = open_dir_at(self.work_fd, tmp)
+                try:
+                    whiteout.set_opaque(fd)
+                finally:
+                    os.close(fd)
+            if existing is not None and is_dir:
+                renameat2(self.work_fd, tmp, parent_fd, name, RENAME_EXCHANGE)
+            else:
+                os.rename(tmp, name, src_dir_fd=self.work_fd, dst_dir_fd=parent_fd)
+        finally:
+            copyup.discard(self.work_fd, tmp)
+        if marker:
+            os.unlink(whiteout.oci_whiteout_name(name), dir_fd=parent_fd)
+
+    def _new_node(self, parent: Node, name: bytes) -> Node:
+        self._changed(parent)
+        found = find_entry(parent.dir_layers, self._fd_of(parent), name)
+        if found is None:
+            raise _err(errno.EIO, name)
+        node = self._node_for(parent, name, found)
+        return node
+
+    async def create(self, parent: Node, name: bytes, mode: int, flags: int,
+                     caller: Caller) -> tuple[Node, int]:
+        """Create a regular file and open it; returns the node and the open fd."""
+        await self._prepare_create(parent, name)
+        uid, gid, _ = self._owner(parent, caller)
+        access = flags & os.O_ACCMODE
+        opened: list[int] = []
+
+        def build(dir_fd: int, entry: bytes) -> None:
+            fd = os.open(entry, os.O_CREAT | os.O_EXCL | access | os.O_CLOEXEC,
+                         stat.S_IMODE(mode) & ~caller.umask, dir_fd=dir_fd)
+            opened.append(fd)
+            os.fchown(fd, uid, gid)
+
+        try:
+            self._place(parent, name, build, is_dir=False)
+        except BaseException:
+            for fd in opened:
+                os.close(fd)
+            raise
+        return self._new_node(parent, name), opened[0]
+
+    async def mkdir(self, parent: Node, name: bytes, mode: int, caller: Caller) -> Node:
+        await self._prepare_create(parent, name)
+        uid, gid, setgid = self._owner(parent, caller)
+        perm = stat.S_IMODE(mode) & ~caller.umask | (stat.S_ISGID if setgid else 0)
+
+        def build(dir_fd: int, entry: bytes) -> None:
+            os.mkdir(entry, 0o700, dir_fd=dir_fd)
+            os.chown(entry, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+            os.chmod(entry, perm, dir_fd=dir_fd, follow_symlinks=False)
+
+        self._place(parent, name, build, is_dir=True)
+        return self._new_node(parent, name)
+
+    async def mknod(self, parent: Node, name: bytes, mode: int, rdev: int,
+                    caller: Caller) -> Node:
+        await self._prepare_create(parent, name)
+        uid, gid, _ = self._owner(parent, caller)
+        perm = stat.S_IMODE(mode) & ~caller.umask
+
+        def build(dir_fd: int, entry: bytes) -> None:
+            os.mknod(entry, stat.S_IFMT(mode) | 0o600, rdev, dir_fd=dir_fd)
+            os.chown(entry, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+            os.chmod(entry, perm, dir_fd=dir_fd, follow_symlinks=False)
+
+        self._place(parent, name, build, is_dir=False)
+        return self._new_node(parent, name)
+
+    async def symlink(self, parent: Node, name: bytes, target: bytes, caller: Caller) -> Node:
+        await self._prepare_create(parent, name)
+        uid, gid, _ = self._owner(parent, caller)
+
+        def build(dir_fd: int, entry: bytes) -> None:
+            os.symlink(target, entry, dir_fd=dir_fd)
+            os.chown(entry, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+
+        self._place(parent, name, build, is_dir=False)
+        return self._new_node(parent, name)
+
+    async def link(self, node: Node, parent: Node, name: bytes) -> Node:
+        if node.is_dir:
+            raise _err(errno.EPERM, name)
+        await self._prepare_create(parent, name)
+        await self.settle(node)
+        await self.copy_up(node)
+        src_dir, src_name = self.location(node)
+        # Link through an O_PATH fd: the source's own dir fd may be evicted meanwhile.
+        src = copyup.open_path(src_dir, src_name)
+        try:
+            def build(dir_fd: int, entry: bytes) -> None:
+                os.link(copyup.proc_path(src), entry, dst_dir_fd=dir_fd, follow_symlinks=True)
+
+            self._place(parent, name, build, is_dir=False)
+        finally:
+            os.close(src)
+        self._changed(parent)
+        self.table.link(node, parent, name)
+        return node
+
+    # ---------------------------------------------------------------- removing
+
+    def _remove_upper(self, parent_fd: int, name: bytes, need_whiteout: bool) -> None:
+        """Remove the upper entry *name* (a file, or a directory holding only markers),
+        leaving a whiteout in its place when a lower layer holds the name."""
+        assert self.work_fd is not None
+        tmp = copyup.temp_name()
+        if need_whiteout:
+            try:
+                renameat2(parent_fd, name, self.work_fd, tmp, RENAME_WHITEOUT)
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                    raise
+                os.rename(name, tmp, src_dir_fd=parent_fd, dst_dir_fd=self.work_fd)
+                whiteout.make_whiteout(parent_fd, name)
+        else:
+            os.rename(name, tmp, src_dir_fd=parent_fd, dst_dir_fd=self.work_fd)
+        copyup.discard(self.work_fd, tmp)
+
+    async def unlink(self, parent: Node, name: bytes) -> None:
+        self._need_upper()
+        node = self.lookup(parent, name)
+        if node is None:
+            raise _err(errno.ENOENT, name)
+        if node.is_dir:
+            raise _err(errno.EISDIR, name)
+        await self.settle(node)
+        await self.copy_up(parent)
+        self._delete_name(parent, name, node)
+
+    def _delete_name(self, parent: Node, name: bytes, node: Node) -> None:
+        """Remove *name* (a non-directory name of *node*) from the merged view."""
+        parent_fd = self.upper_fd(parent)
+        need_whiteout = self.lower_has(parent, name)
+        if lstat_at(parent_fd, name) is not None:
+            if need_whiteout:
+                self._remove_upper(parent_fd, name, True)
+            else:
+                os.unlink(name, dir_fd=parent_fd)
+        else:
+            whiteout.make_whiteout(parent_fd, name)
+            if node.index_name is not None or node.layer.writable:
+                node.nlink_adjust -= 1  # a lower name of an upper file: the upper nlink stays
+            elif len(node.links) > 1:
+                node.nlink_adjust -= 1
+        self._changed(parent)
+        self.table.unlink(parent, name)
+        self._after_unlink(node, parent, name)
+
+    def _after_unlink(self, node: Node, parent: Node, name: bytes) -> None:
+        """Point *node* at another of its names, or mark it unlinked."""
+        if node.index_name is None and node.parent is parent and node.name == name:
+            for other_parent, other_name in list(node.links):
+                found = find_entry(other_parent.dir_layers, self._fd_of(other_parent),
+                                   other_name)
+                if found is not None and key_of(found.st) in node.keys:
+                    node.parent, node.name, node.layer = other_parent, other_name, found.layer
+                    return
+            node.unlinked = True
+            return
+        try:
+            st = self.stat(node)
+        except OSError:
+            node.unlinked = True
+            return
+        if self.nlink(node, st) <= 0 or (st.st_nlink + node.nlink_adjust) <= 0:
+            node.unlinked = True
+
+    async def rmdir(self, parent: Node, name: bytes) -> None:
+        self._need_upper()
+        node = self.lookup(parent, name)
+        if node is None:
+            raise _err(errno.ENOENT, name)
+        if not node.is_dir:
+            raise _err(errno.ENOTDIR, name)
+        await self.settle(node)
+        if self.listing(node):
+            raise _err(errno.ENOTEMPTY, name)
+        await self.copy_up(parent)
+        parent_fd = self.upper_fd(parent)
+        need_whiteout = self.lower_has(parent, name)
+        self.fds.drop_inode(node.inode, [layer.index for layer in node.dir_layers])
+        if node.layer.writable:
+            self._remove_upper(parent_fd, name, need_whiteout)
+        else:
+            whiteout.make_whiteout(parent_fd, name)
+        self._changed(parent)
+        self.table.unlink(parent, name)
+        node.unlinked = True
+
+    # ---------------------------------------------------------------- renaming
+
+    async def rename(self, old_parent: Node, old_name: bytes, new_parent: Node,
+                     new_name: bytes, flags: int) -> None:
+        self._need_upper()
+        if flags & RENAME_EXCHANGE or flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+            raise _err(errno.EINVAL)
+        self.check_name(new_name)
+        src = self.lookup(old_parent, old_name)
+        if src is None:
+            raise _err(errno.ENOENT, old_name)
+        dst = self.lookup(new_parent, new_name)
+        if dst is src:
+            return  # two names of one file: rename(2) does nothing
+        if dst is not None and flags & RENAME_NOREPLACE:
+            raise _err(errno.EEXIST, new_name)
+        if src.is_dir:
+            if dst is not None and not dst.is_dir:
+                raise _err(errno.ENOTDIR, new_name)
+            if not src.layer.writable or len(src.dir_layers) > 1:
+                # Like the kernel without redirect_dir: a directory that exists in a
+                # lower layer cannot be moved; mv(1) falls back to copying.
+                raise _err(errno.EXDEV, old_name)
+        elif dst is not None and dst.is_dir:
+            raise _err(errno.EISDIR, new_name)
+        if dst is not None and dst.is_dir and self.listing(dst):
+            raise _err(errno.ENOTEMPTY, new_name)
+        await self.settle(src)
+        if dst is not None:
+            await self.settle(dst)
+        old_fd = await self._name_in_upper(src, old_parent, old_name)
+        await self.copy_up(new_parent)
+        self._do_rename(src, old_parent, old_name, new_parent, new_name, dst)
+
+    def _do_rename(self, src: Node, old_parent: Node, old_name: bytes, new_parent: Node,
+                   new_name: bytes, dst: Node | None) -> None:
+        """The rename on disk and in the node tree. No await: atomic for trio."""
+        assert self.work_fd is not None
+        old_fd = self.upper_fd(old_parent)
+        new_fd = self.upper_fd(new_parent)
+        src_whiteout = self.lower_has(old_parent, old_name)
+        dst_upper = lstat_at(new_fd, new_name)
+        if src.is_dir and self.lower_has(new_parent, new_name):
+            # The moved directory replaces a lower one: it must not merge with it.
+            whiteout.set_opaque(self.dir_fd(src, src.layer))
+        if dst_upper is not None and stat.S_ISDIR(dst_upper.st_mode):
+            # An empty merged directory may still hold whiteouts in the upper.
+            self._empty_upper_dir(new_fd, new_name)
+        if dst_upper is not None and whiteout.is_whiteout(dst_upper) and src.is_dir:
+            renameat2(old_fd, old_name, new_fd, new_name, RENAME_EXCHANGE)
+            if not src_whiteout:
+                os.unlink(old_name, dir_fd=old_fd)
+        elif src_whiteout:
+            try:
+                renameat2(old_fd, old_name, new_fd, new_name, RENAME_WHITEOUT)
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                    raise
+                os.rename(old_name, new_name, src_dir_fd=old_fd, dst_dir_fd=new_fd)
+                whiteout.make_whiteout(old_fd, old_name)
+        else:
+            os.rename(old_name, new_name, src_dir_fd=old_fd, dst_dir_fd=new_fd)
+        if whiteout.has_oci_whiteout(new_fd, new_name):
+            os.unlink(whiteout.oci_whiteout_name(new_name), dir_fd=new_fd)
+        self._changed(old_parent)
+        self._changed(new_parent)
+        if dst is not None:
+            self.table.unlink(new_parent, new_name)
+            if dst.is_dir:
+                dst.unlinked = True
+            else:
+                if not (dst_upper is not None and not whiteout.is_whiteout(dst_upper)):
+                    dst.nlink_adjust -= 1
+                self._after_unlink(dst, new_parent, new_name)
+        self.table.unlink(old_parent, old_name)
+        if src.index_name is None and src.parent is old_parent and src.name == old_name:
+            src.parent, src.name = new_parent, new_name
+        self.table.link(src, new_parent, new_name)
+
+    def _empty_upper_dir(self, parent_fd: int, name: bytes) -> None:
+        fd = open_dir_at(parent_fd, name)
+        try:
+            for entry in os.listdir(fd):
+                copyup.discard(fd, os.fsencode(entry))
+        finally:
+            os.close(fd)
+
+    # ---------------------------------------------------------------- changing
+
+    async def setattr(self, node: Node, attrs: SetAttrs, fd: int | None) -> None:
+        truncating = attrs.size is not None
+        if node.parent is not None:
+            await self.copy_up(node, with_data=not (truncating and attrs.size == 0))
+        elif self.upper is None:
+            raise _err(errno.EROFS)
+        if attrs.size is not None:
+            if fd is not None:
+                os.ftruncate(fd, attrs.size)
+            else:
+                dir_fd, name = self.location(node)
+                wfd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+                try:
+                    os.ftruncate(wfd, attrs.size)
+                finally:
+                    os.close(wfd)
+        if attrs.uid is not None or attrs.gid is not None:
+            self._at(node, lambda d, n: os.chown(
+                n, -1 if attrs.uid is None else attrs.uid,
+                -1 if attrs.gid is None else attrs.gid, dir_fd=d, follow_symlinks=False),
+                lambda fd_: os.chown(fd_, -1 if attrs.uid is None else attrs.uid,
+                                     -1 if attrs.gid is None else attrs.gid))
+        if attrs.mode is not None:
+            mode = stat.S_IMODE(attrs.mode)
+            self._at(node, lambda d, n: os.chmod(n, mode, dir_fd=d, follow_symlinks=False),
+                     lambda fd_: os.chmod(fd_, mode))
+        if attrs.atime_ns is not None or attrs.mtime_ns is not None:
+            st = self.stat(node)
+            times = (st.st_atime_ns if attrs.atime_ns is None else attrs.atime_ns,
+                     st.st_mtime_ns if attrs.mtime_ns is None else attrs.mtime_ns)
+            self._at(node, lambda d, n: os.utime(n, ns=times, dir_fd=d, follow_symlinks=False),
+                     lambda fd_: os.utime(fd_, ns=times))
+
+    def _at(self, node: Node, at: Callable[[int, bytes], None],
+            on_fd: Callable[[int], None]) -> None:
+        """Apply a metadata change to *node*'s entry: by (dir fd, name), or on the
+        directory fd itself for the root."""
+        if node.parent is None:
+            on_fd(self.dir_fd(node, node.layer))
+        else:
+            dir_fd, name = self.location(node)
+            at(dir_fd, name)
+
+    # ---------------------------------------------------------------- files
+
+    async def open(self, node: Node, flags: int) -> int:
+        writing = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
+        if writing:
+            await self.copy_up(node, with_data=not flags & os.O_TRUNC)
+        dir_fd, name = self.location(node)
+        keep = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND)
+        return os.open(name, keep | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+
+    def readlink(self, node: Node) -> bytes:
+        dir_fd, name = self.location(node)
+        return os.readlink(name, dir_fd=dir_fd)
+
+    # ---------------------------------------------------------------- xattrs
+
+    def _xattr_target(self, node: Node) -> tuple[int | str, int | None]:
+        """Something os.*xattr accepts for *node*'s entry, and an fd to close after."""
+        if node.is_dir:
+            return self.dir_fd(node, node.layer), None
+        dir_fd, name = self.location(node)
+        fd = copyup.open_path(dir_fd, name)
+        return copyup.proc_path(fd), fd
+
+    def _with_xattr_target(self, node: Node, call: Callable[[int | str], object]) -> object:
+        target, fd = self._xattr_target(node)
+        try:
+            return call(target)
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def getxattr(self, node: Node, name: str) -> bytes:
+        if whiteout.is_internal_xattr(name):
+            raise _err(errno.ENODATA)
+        value = self._with_xattr_target(node, lambda t: os.getxattr(t, name))
+        assert isinstance(value, bytes)
+        return value
+
+    def listxattr(self, node: Node) -> list[str]:
+        names = self._with_xattr_target(node, os.listxattr)
+        assert isinstance(names, list)
+        return [name for name in names if not whiteout.is_internal_xattr(name)]
+
+    async def setxattr(self, node: Node, name: str, value: bytes) -> None:
+        if whiteout.is_internal_xattr(name):
+            raise _err(errno.EPERM)
+        await self._copy_up_any(node)
+        self._with_xattr_target(node, lambda t: os.setxattr(t, name, value))
+
+    async def removexattr(self, node: Node, name: str) -> None:
+        if whiteout.is_internal_xattr(name):
+            raise _err(errno.ENODATA)
+        self.getxattr(node, name)  # ENODATA before any copy-up
+        await self._copy_up_any(node)
+        self._with_xattr_target(node, lambda t: os.removexattr(t, name))
+
+    async def _copy_up_any(self, node: Node) -> None:
+        if node.parent is None:
+            self._need_upper()
+        else:
+            await self.copy_up(node)
+
+    def statvfs(self) -> os.statvfs_result:
+        return os.statvfs(self.layers[0].fd)
+
+    # ---------------------------------------------------------------- forget
+
+    def forget(self, inode: int, count: int) -> None:
+        node = self.table.forget(inode, count)
+        if node is not None and node.is_dir:
+            self.fds.drop_inode(node.inode, [layer.index for layer in self.layers])
+
+
+def index_name_for(st: os.stat_result) -> bytes:
+    """The name, in the workdir's index, of the upper copy of a lower hard-linked inode."""
+    return b"%x-%x" % (st.st_dev, st.st_ino)

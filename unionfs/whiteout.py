@@ -1,0 +1,124 @@
+"""The only module that knows the on-disk markers of a union.
+
+Written (kernel overlayfs format, so the kernel can mount our upper):
+  - whiteout: a character device 0/0 under the deleted name;
+  - opaque directory: the xattr ``trusted.overlay.opaque=y``.
+
+Read, in every layer (lowers and upper):
+  - char device 0/0;
+  - OCI ``.wh.NAME`` (a regular file that hides NAME in the layers below);
+  - opaque: ``trusted.overlay.opaque``, ``user.overlay.opaque``,
+    ``user.fuseoverlayfs.opaque`` set to ``y``, or a ``.wh..wh..opq`` entry inside.
+
+Markers never show in the merged view: `is_marker_name` and `is_internal_xattr`
+say what to hide. Every function works on a directory fd and never follows a
+symlink (a layer is untrusted data).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+WH_PREFIX = b".wh."
+OPAQUE_MARKER = b".wh..wh..opq"
+
+OPAQUE_XATTRS = (
+    "trusted.overlay.opaque",
+    "user.overlay.opaque",
+    "user.fuseoverlayfs.opaque",
+)
+#: The xattr we write to make a directory opaque.
+OPAQUE_XATTR = "trusted.overlay.opaque"
+
+#: xattr name prefixes that belong to the union's bookkeeping, never to the user.
+INTERNAL_XATTR_PREFIXES = (
+    "trusted.overlay.",
+    "user.overlay.",
+    "user.fuseoverlayfs.",
+    "trusted.unionfs.",
+)
+
+
+def is_whiteout(st: os.stat_result) -> bool:
+    """True for a kernel-format whiteout: a character device with rdev 0/0."""
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def is_marker_name(name: bytes) -> bool:
+    """True for names reserved by OCI layers (``.wh.*``): never listed, never created."""
+    return name.startswith(WH_PREFIX)
+
+
+def oci_whiteout_name(name: bytes) -> bytes:
+    """The OCI marker name that hides *name*."""
+    return WH_PREFIX + name
+
+
+def whited_out_name(marker: bytes) -> bytes | None:
+    """The name an OCI marker hides, or None for the opaque marker and other names."""
+    if marker == OPAQUE_MARKER or not marker.startswith(WH_PREFIX):
+        return None
+    return marker[len(WH_PREFIX) :]
+
+
+def is_internal_xattr(name: str) -> bool:
+    """True for xattrs that carry the union's own bookkeeping (hidden from the merged view)."""
+    return name.startswith(INTERNAL_XATTR_PREFIXES)
+
+
+def _xattr_is_y(fd: int, name: str) -> bool:
+    try:
+        return os.getxattr(fd, name) == b"y"
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES):
+            return False
+        raise
+
+
+def is_opaque_fd(dir_fd: int) -> bool:
+    """True when the directory open at *dir_fd* stops the merge of the layers below it.
+
+    *dir_fd* must be a real (not O_PATH) descriptor of the directory itself.
+    """
+    if any(_xattr_is_y(dir_fd, name) for name in OPAQUE_XATTRS):
+        return True
+    try:
+        os.stat(OPAQUE_MARKER, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def has_oci_whiteout(dir_fd: int, name: bytes) -> bool:
+    """True when the directory at *dir_fd* holds an OCI ``.wh.NAME`` marker for *name*."""
+    try:
+        os.stat(WH_PREFIX + name, dir_fd=dir_fd, follow_symlinks=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            return False
+        raise
+    return True
+
+
+def make_whiteout(dir_fd: int, name: bytes) -> None:
+    """Create a kernel-format whiteout (char 0/0) named *name* in *dir_fd*."""
+    os.mknod(name, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=dir_fd)
+
+
+def set_opaque(fd: int) -> None:
+    """Mark the directory open at *fd* opaque, in the kernel's format."""
+    os.setxattr(fd, OPAQUE_XATTR, b"y")
+
+
+def clear_opaque(fd: int) -> None:
+    """Remove every opaque marker xattr we know from the directory open at *fd*."""
+    for name in OPAQUE_XATTRS:
+        try:
+            os.removexattr(fd, name)
+        except OSError as exc:
+            if exc.errno not in (errno.ENODATA, errno.ENOTSUP):
+                raise
