@@ -18,6 +18,8 @@ from unionfs.config import ConfigError, MountConfig, check_fuse, validate
 
 log = logging.getLogger(__name__)
 
+#: Commands that inspect layers without mounting (unionfs/tools.py).
+SUBCOMMANDS = ("inspect", "diff", "export", "import")
 #: -o keys that configure the union itself; every other key is a FUSE option.
 _UNION_KEYS = {"lowerdir", "upperdir", "workdir"}
 #: fuse-overlayfs keys runtimes pass that need nothing from us.
@@ -124,6 +126,10 @@ def _setup_logging(args: argparse.Namespace, foreground: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in SUBCOMMANDS:
+        from unionfs import tools
+
+        return tools.main(argv)
     try:
         config, args = parse_config(argv)
         config = validate(config)
