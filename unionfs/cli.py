@@ -35,7 +35,9 @@ _FUSE_KEYS = {"allow_other", "allow_root", "default_permissions", "no_default_pe
 
 def split_options(text: str) -> list[str]:
     """Split a comma-separated -o list; commas inside double quotes do not split."""
-    items, current, quoted = [], [], False
+    items: list[str] = []
+    current: list[str] = []
+    quoted = False
     for char in text:
         if char == '"':
             quoted = not quoted
@@ -127,9 +129,9 @@ def _setup_logging(args: argparse.Namespace, foreground: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in SUBCOMMANDS:
-        from unionfs import tools
+        from unionfs import tools  # type: ignore[attr-defined,unused-ignore]
 
-        return tools.main(argv)
+        return int(tools.main(argv))
     try:
         config, args = parse_config(argv)
         config = validate(config)

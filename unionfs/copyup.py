@@ -32,8 +32,9 @@ def temp_name() -> bytes:
     return b"#%d-%d" % (os.getpid(), next(_counter))
 
 
-def copy_data(src_fd: int, dst_fd: int, size: int) -> None:
-    """Copy *size* bytes from the start of *src_fd* to *dst_fd*, then fsync *dst_fd*.
+def copy_data(src_fd: int, dst_fd: int, size: int, fsync: bool = True) -> None:
+    """Copy *size* bytes from the start of *src_fd* to *dst_fd*, then fsync *dst_fd*
+    (unless *fsync* is False: ``-o fsync=0``, ``volatile``).
 
     Blocking: run it in a worker thread for large files.
     """
@@ -58,7 +59,8 @@ def copy_data(src_fd: int, dst_fd: int, size: int) -> None:
         if done == 0:
             break  # the source is shorter than its stat said
         offset += done
-    os.fsync(dst_fd)
+    if fsync:
+        os.fsync(dst_fd)
 
 
 def copy_xattrs(src: int | str, dst: int | str) -> None:

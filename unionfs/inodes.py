@@ -36,9 +36,22 @@ class Node:
     """
 
     __slots__ = (
-        "inode", "parent", "name", "layer", "kind", "dir_layers", "lookups", "children",
-        "links", "unlinked", "index_name", "nlink_adjust", "keys", "listing", "copying",
+        "children",
+        "copying",
+        "dir_layers",
+        "index_name",
+        "inode",
+        "keys",
+        "kind",
+        "layer",
+        "links",
+        "listing",
+        "lookups",
+        "name",
+        "nlink_adjust",
         "open_fds",
+        "parent",
+        "unlinked",
     )
 
     def __init__(self, inode: int, parent: Node | None, name: bytes, layer: Layer, kind: int,

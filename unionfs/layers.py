@@ -50,7 +50,7 @@ class Layer:
 def open_layer(index: int, path: str, writable: bool) -> Layer:
     """Open the layer root. The path given by the user may itself be a symlink."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    return Layer(index=index, path=path, fd=fd, writable=writable)
+    return Layer(index=index, path=os.path.abspath(path), fd=fd, writable=writable)
 
 
 def lstat_at(dir_fd: int, name: bytes) -> os.stat_result | None:

@@ -52,7 +52,7 @@ def build_union(config: MountConfig) -> Union:
     if config.upper is not None:
         assert config.workdir is not None
         work_fd, index_fd = _open_workdir(config.workdir)
-    return Union(layers, work_fd, index_fd)
+    return Union(layers, work_fd, index_fd, fsync=config.fsync)
 
 
 def fuse_options(config: MountConfig) -> set[str]:

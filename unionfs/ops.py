@@ -16,11 +16,11 @@ import errno
 import functools
 import logging
 import os
-import stat
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
+import trio
 
 from unionfs.inodes import DirHandle, FileHandle, HandleTable, Node
 from unionfs.union import Caller, SetAttrs, Union
@@ -31,13 +31,16 @@ log = logging.getLogger(__name__)
 CACHE_TIMEOUT = 86400.0
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
-def boundary(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+def boundary(
+    handler: Callable[P, Coroutine[Any, Any, T]],
+) -> Callable[P, Coroutine[Any, Any, T]]:
     """Turn OSError into FUSEError; log anything else and answer EIO."""
 
     @functools.wraps(handler)
-    async def wrapper(*args: Any, **kwargs: Any) -> T:
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return await handler(*args, **kwargs)
         except pyfuse3.FUSEError:
@@ -249,9 +252,10 @@ class UnionOperations(pyfuse3.Operations):
 
     @boundary
     async def fsync(self, fh: int, datasync: bool) -> None:
+        if not self.union.fsync:
+            return  # -o fsync=0 / volatile: the caller accepted losing data on a crash
         fd = self.handles.files[fh].fd
-        sync = os.fdatasync if datasync else os.fsync
-        await _in_thread(sync, fd)
+        await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
 
     @boundary
     async def release(self, fh: int) -> None:
@@ -322,12 +326,3 @@ class UnionOperations(pyfuse3.Operations):
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         await self.union.removexattr(self._node(inode), os.fsdecode(name))
 
-
-async def _in_thread(call: Callable[[int], None], fd: int) -> None:
-    import trio
-
-    await trio.to_thread.run_sync(call, fd)
-
-
-def mode_is_dir(mode: int) -> bool:
-    return stat.S_ISDIR(mode)

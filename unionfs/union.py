@@ -39,6 +39,10 @@ from unionfs.sysc import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, ren
 
 log = logging.getLogger(__name__)
 
+#: Read-only xattrs that tell where an entry comes from; answered, never listed.
+VIRTUAL_XATTRS = frozenset({"user.unionfs.layer", "user.unionfs.layers",
+                            "user.unionfs.copied-up"})
+
 #: Copy-ups of files at least this large run their data copy in a worker thread.
 THREAD_COPY_MIN = 1 << 20
 
@@ -71,8 +75,11 @@ class SetAttrs:
 class Union:
     """The merged view of a stack of layers, the upper (if any) on top."""
 
-    def __init__(self, layers: list[Layer], work_fd: int | None, index_fd: int | None) -> None:
+    def __init__(self, layers: list[Layer], work_fd: int | None, index_fd: int | None,
+                 fsync: bool = True) -> None:
         self.layers = layers
+        #: False with ``-o fsync=0`` or ``volatile``: no fsync of copy-ups or on request.
+        self.fsync = fsync
         self.upper: Layer | None = layers[0] if layers[0].writable else None
         self.work_fd = work_fd
         self.index_fd = index_fd
@@ -91,15 +98,26 @@ class Union:
     # ---------------------------------------------------------------- locating
 
     def dir_fd(self, node: Node, layer: Layer) -> int:
-        """A real fd of directory *node* in *layer* (cached; valid until the next call
-        that may open another directory)."""
+        """A real fd of directory *node* in *layer*: cached, or opened from the nearest
+        cached ancestor one component at a time (iteratively: paths may be deep)."""
         if node.parent is None:
             return layer.fd
-        key = (node.inode, layer.index)
-        fd = self.fds.get(key)
-        if fd is None:
-            fd = open_dir_at(self.dir_fd(node.parent, layer), node.name)
-            self.fds.put(key, fd)
+        fd = self.fds.get((node.inode, layer.index))
+        if fd is not None:
+            return fd
+        missing = [node]
+        ancestor = node.parent
+        while ancestor.parent is not None:
+            fd = self.fds.get((ancestor.inode, layer.index))
+            if fd is not None:
+                break
+            missing.append(ancestor)
+            ancestor = ancestor.parent
+        fd = layer.fd if ancestor.parent is None else self.fds.get((ancestor.inode, layer.index))
+        assert fd is not None
+        for step in reversed(missing):
+            fd = open_dir_at(fd, step.name)
+            self.fds.put((step.inode, layer.index), fd)
         return fd
 
     def location(self, node: Node) -> tuple[int, bytes]:
@@ -256,6 +274,7 @@ class Union:
             raise
         node.layer = upper
         node.dir_layers = (upper, *node.dir_layers)
+        self._changed(node.parent)
         self.table.remember_copy(node, key_of(os.fstat(self.dir_fd(node, upper))))
 
     async def _copy_up_file(self, node: Node, upper: Layer, with_data: bool) -> None:
@@ -272,9 +291,10 @@ class Union:
                 if st.st_size >= THREAD_COPY_MIN:
                     # Invariant across this await: node.copying is set, so nothing else
                     # changes this entry; the temporary is ours alone.
-                    await trio.to_thread.run_sync(copyup.copy_data, src, dst, st.st_size)
+                    await trio.to_thread.run_sync(copyup.copy_data, src, dst, st.st_size,
+                                                 self.fsync)
                 else:
-                    copyup.copy_data(src, dst, st.st_size)
+                    copyup.copy_data(src, dst, st.st_size, self.fsync)
             except BaseException:
                 copyup.discard(work_fd, tmp)
                 raise
@@ -292,6 +312,7 @@ class Union:
             copyup.discard(work_fd, tmp)
             raise
         node.layer = upper
+        self._changed(node.parent)
         if index_name is not None:
             node.index_name = index_name
         fd, name = self.location(node)
@@ -578,7 +599,7 @@ class Union:
         await self.settle(src)
         if dst is not None:
             await self.settle(dst)
-        old_fd = await self._name_in_upper(src, old_parent, old_name)
+        await self._name_in_upper(src, old_parent, old_name)
         await self.copy_up(new_parent)
         self._do_rename(src, old_parent, old_name, new_parent, new_name, dst)
 
@@ -713,6 +734,8 @@ class Union:
                 os.close(fd)
 
     def getxattr(self, node: Node, name: str) -> bytes:
+        if name in VIRTUAL_XATTRS:
+            return self.virtual_xattr(node, name)
         if whiteout.is_internal_xattr(name):
             raise _err(errno.ENODATA)
         value = self._with_xattr_target(node, lambda t: os.getxattr(t, name))
@@ -725,12 +748,16 @@ class Union:
         return [name for name in names if not whiteout.is_internal_xattr(name)]
 
     async def setxattr(self, node: Node, name: str, value: bytes) -> None:
+        if name in VIRTUAL_XATTRS:
+            raise _err(errno.EPERM)
         if whiteout.is_internal_xattr(name):
             raise _err(errno.EPERM)
         await self._copy_up_any(node)
         self._with_xattr_target(node, lambda t: os.setxattr(t, name, value))
 
     async def removexattr(self, node: Node, name: str) -> None:
+        if name in VIRTUAL_XATTRS:
+            raise _err(errno.EPERM)
         if whiteout.is_internal_xattr(name):
             raise _err(errno.ENODATA)
         self.getxattr(node, name)  # ENODATA before any copy-up
@@ -742,6 +769,41 @@ class Union:
             self._need_upper()
         else:
             await self.copy_up(node)
+
+    def virtual_xattr(self, node: Node, name: str) -> bytes:
+        """Answers to "where does this entry come from?" (read-only, never listed)."""
+        if name == "user.unionfs.layer":
+            return os.fsencode(node.layer.label)
+        holders = self.holders(node)
+        if name == "user.unionfs.layers":
+            return b"".join(b"%s %s\n" % (kind.encode(), os.fsencode(layer.label))
+                            for layer, kind in holders)
+        shadows = node.layer.writable and any(not layer.writable for layer, _ in holders)
+        return b"yes" if shadows else b"no"
+
+    def holders(self, node: Node) -> list[tuple[Layer, str]]:
+        """Every layer that holds *node*'s name, top first, with what it holds there:
+        ``file`` (any non-directory), ``dir``, ``opaque`` (an opaque dir) or ``whiteout``."""
+        if node.parent is None:
+            return [(layer, "dir") for layer in node.dir_layers]
+        result = []
+        for layer in node.parent.dir_layers:
+            fd = self.dir_fd(node.parent, layer)
+            st = lstat_at(fd, node.name)
+            if st is None:
+                if whiteout.has_oci_whiteout(fd, node.name):
+                    result.append((layer, "whiteout"))
+            elif whiteout.is_whiteout(st):
+                result.append((layer, "whiteout"))
+            elif stat.S_ISDIR(st.st_mode):
+                child = open_dir_at(fd, node.name)
+                try:
+                    result.append((layer, "opaque" if whiteout.is_opaque_fd(child) else "dir"))
+                finally:
+                    os.close(child)
+            else:
+                result.append((layer, "file"))
+        return result
 
     def statvfs(self) -> os.statvfs_result:
         return os.statvfs(self.layers[0].fd)
