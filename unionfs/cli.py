@@ -26,8 +26,9 @@ _UNION_KEYS = {"lowerdir", "upperdir", "workdir"}
 _TOLERATED = {"volatile", "fsync", "context", "xattr_permissions", "xattr", "noacl", "ro", "rw",
               "dev", "suid", "nodev", "nosuid", "exec", "noexec", "noatime", "relatime",
               "redirect_dir", "index", "metacopy", "userxattr", "threaded", "static_nlink",
-              "plugins", "timeout", "fast_ino", "uidmapping", "gidmapping", "squash_to_root",
-              "squash_to_uid", "squash_to_gid"}
+              "plugins", "timeout", "fast_ino"}
+#: fuse-overlayfs keys whose meaning we do not implement: refused, never ignored.
+_REFUSED = {"uidmapping", "gidmapping", "squash_to_root", "squash_to_uid", "squash_to_gid"}
 #: Options FUSE itself takes.
 _FUSE_KEYS = {"allow_other", "allow_root", "default_permissions", "no_default_permissions",
               "no_allow_other", "max_read", "fsname", "subtype", "auto_unmount"}
@@ -84,6 +85,8 @@ def parse_config(argv: list[str]) -> tuple[MountConfig, argparse.Namespace]:
                 fuse.add(item)
             elif key == "fsync" and value == "0" or key == "volatile":
                 fsync = False
+            elif key in _REFUSED:
+                raise ConfigError(f"option {key} is not supported (owners would be wrong)")
             elif key in _TOLERATED:
                 log.debug("option %s ignored", item)
             else:
