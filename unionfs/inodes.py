@@ -39,6 +39,7 @@ class Node:
         "children",
         "copying",
         "dir_layers",
+        "homeless",
         "index_name",
         "inode",
         "keys",
@@ -47,8 +48,8 @@ class Node:
         "links",
         "listing",
         "lookups",
+        "lower_links",
         "name",
-        "nlink_adjust",
         "open_fds",
         "parent",
         "unlinked",
@@ -66,8 +67,13 @@ class Node:
         self.children: dict[bytes, Node] = {}
         self.links: set[tuple[Node, bytes]] = set()
         self.unlinked = False
+        #: The name it was reached by is gone, but other names of the inode remain
+        #: (nlink > 0): the next lookup of one of them gives the node its new home.
+        self.homeless = False
         self.index_name: bytes | None = None
-        self.nlink_adjust = 0
+        #: For an indexed node: how many of its lower names are still visible and not
+        #: yet in the upper (persisted on the index entry, LOWER_LINKS_XATTR).
+        self.lower_links = 0
         self.keys: set[Key] = set()
         self.listing: list[ListedEntry] | None = None
         self.copying: trio.Event | None = None
@@ -166,6 +172,9 @@ class InodeTable:
 class FileHandle:
     fd: int
     node: Node
+    #: The layer the fd was opened in: a read-only fd opened on a lower layer is
+    #: reopened after the node is copied up, so readers see the new data.
+    layer: Layer
 
 
 @dataclass

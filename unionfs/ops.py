@@ -220,7 +220,7 @@ class UnionOperations(pyfuse3.Operations):
 
     def _file_info(self, node: Node, fd: int) -> pyfuse3.FileInfo:
         node.open_fds.append(fd)
-        fh = self.handles.add_file(FileHandle(fd, node))
+        fh = self.handles.add_file(FileHandle(fd, node, node.layer))
         # Every change to a file's data goes through us: its cached pages stay valid.
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
@@ -240,7 +240,15 @@ class UnionOperations(pyfuse3.Operations):
 
     @boundary
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return os.pread(self.handles.files[fh].fd, size, off)
+        handle = self.handles.files[fh]
+        if handle.layer is not handle.node.layer and not handle.node.unlinked:
+            # Copied up since this (read-only) fd was opened: read the upper copy, as
+            # the kernel's overlayfs does.
+            fd = self.union.reopen(handle.node, handle.fd)
+            handle.node.open_fds[handle.node.open_fds.index(handle.fd)] = fd
+            os.close(handle.fd)
+            handle.fd, handle.layer = fd, handle.node.layer
+        return os.pread(handle.fd, size, off)
 
     @boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:

@@ -14,6 +14,7 @@ re-fetched from the cache after each await (the cache may have closed them).
 from __future__ import annotations
 
 import errno
+import fcntl
 import functools
 import logging
 import os
@@ -38,6 +39,9 @@ from unionfs.layers import (
 from unionfs.sysc import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, renameat2
 
 log = logging.getLogger(__name__)
+
+#: On an index entry: the number of its lower names still visible and not in the upper.
+LOWER_LINKS_XATTR = "trusted.unionfs.lower-links"
 
 #: Read-only xattrs that tell where an entry comes from; answered, never listed.
 VIRTUAL_XATTRS = frozenset({"user.unionfs.layer", "user.unionfs.layers",
@@ -170,10 +174,15 @@ class Union:
                 st = indexed
         key = key_of(st)
         node = self.table.by_key(key)
-        if node is None or node.unlinked or node.kind != stat.S_IFMT(st.st_mode):
+        if node is not None and node.homeless and node.kind == stat.S_IFMT(st.st_mode):
+            node.parent, node.name, node.layer = parent, name, layer
+            node.homeless = False
+        elif node is None or node.unlinked or node.kind != stat.S_IFMT(st.st_mode):
             node = Node(self.table.number_for(key_of(found.st)), parent, name, layer,
                         stat.S_IFMT(st.st_mode), found.dir_layers)
             node.index_name = index_name
+            if index_name is not None:
+                node.lower_links = self._read_lower_links(index_name)
             self.table.add(node, key)
             self.table.add_key(node, key_of(found.st))
         self.table.link(node, parent, name)
@@ -227,7 +236,24 @@ class Union:
             # Like the kernel: a directory merged from several layers reports 1
             # ("unknown", find(1) then does not trust it to count subdirectories).
             return 1 if len(node.dir_layers) > 1 else st.st_nlink
-        return max(1, st.st_nlink + node.nlink_adjust)
+        if node.index_name is not None:
+            # The index entry is one link of the upper inode; the rest are upper names.
+            return max(1, st.st_nlink - 1 + node.lower_links)
+        return st.st_nlink
+
+    def _read_lower_links(self, index_name: bytes) -> int:
+        assert self.index_fd is not None
+        try:
+            return int(copyup.get_xattr_at(self.index_fd, index_name, LOWER_LINKS_XATTR))
+        except (OSError, ValueError):
+            return 0
+
+    def _consume_lower_link(self, node: Node) -> None:
+        """One lower name of indexed *node* was whited out or linked into the upper."""
+        assert self.index_fd is not None and node.index_name is not None
+        node.lower_links = max(0, node.lower_links - 1)
+        copyup.set_xattr_at(self.index_fd, node.index_name, LOWER_LINKS_XATTR,
+                            b"%d" % node.lower_links)
 
     # ---------------------------------------------------------------- copy-up
 
@@ -306,6 +332,9 @@ class Union:
         parent_fd = self.upper_fd(node.parent)
         try:
             if index_name is not None and self.index_fd is not None:
+                # Every lower name but the one being copied up stays lower-only.
+                node.lower_links = st.st_nlink - 1
+                copyup.set_xattr_at(work_fd, tmp, LOWER_LINKS_XATTR, b"%d" % node.lower_links)
                 os.link(tmp, index_name, src_dir_fd=work_fd, dst_dir_fd=self.index_fd)
             os.rename(tmp, node.name, src_dir_fd=work_fd, dst_dir_fd=parent_fd)
         except BaseException:
@@ -333,6 +362,8 @@ class Union:
             src_dir, src_name = self.location(node)
             os.link(src_name, name, src_dir_fd=src_dir, dst_dir_fd=parent_fd,
                     follow_symlinks=False)
+            if node.index_name is not None:
+                self._consume_lower_link(node)
         return parent_fd
 
     # ---------------------------------------------------------------- creating
@@ -436,6 +467,8 @@ class Union:
 
     async def mknod(self, parent: Node, name: bytes, mode: int, rdev: int,
                     caller: Caller) -> Node:
+        if stat.S_ISCHR(mode) and rdev == 0:
+            raise _err(errno.EPERM, name)  # a whiteout cannot be made through the union
         await self._prepare_create(parent, name)
         uid, gid, _ = self._owner(parent, caller)
         perm = stat.S_IMODE(mode) & ~caller.umask
@@ -506,8 +539,18 @@ class Union:
         if node.is_dir:
             raise _err(errno.EISDIR, name)
         await self.settle(node)
+        await self._index_lower_hard_link(node)
         await self.copy_up(parent)
         self._delete_name(parent, name, node)
+
+    async def _index_lower_hard_link(self, node: Node) -> None:
+        """Before one name of a lower inode with several names goes away, copy the inode
+        up into the index (as the kernel does with index=on): its link count then lives
+        on disk, and every remaining name keeps finding the same file."""
+        if node.is_dir or node.layer.writable or node.index_name is not None:
+            return
+        if self.stat(node).st_nlink > 1:
+            await self.copy_up(node)
 
     def _delete_name(self, parent: Node, name: bytes, node: Node) -> None:
         """Remove *name* (a non-directory name of *node*) from the merged view."""
@@ -520,16 +563,14 @@ class Union:
                 os.unlink(name, dir_fd=parent_fd)
         else:
             whiteout.make_whiteout(parent_fd, name)
-            if node.index_name is not None or node.layer.writable:
-                node.nlink_adjust -= 1  # a lower name of an upper file: the upper nlink stays
-            elif len(node.links) > 1:
-                node.nlink_adjust -= 1
+            if node.index_name is not None:
+                self._consume_lower_link(node)
         self._changed(parent)
         self.table.unlink(parent, name)
         self._after_unlink(node, parent, name)
 
     def _after_unlink(self, node: Node, parent: Node, name: bytes) -> None:
-        """Point *node* at another of its names, or mark it unlinked."""
+        """Point *node* at another of its names, or mark it homeless or unlinked."""
         if node.index_name is None and node.parent is parent and node.name == name:
             for other_parent, other_name in list(node.links):
                 found = find_entry(other_parent.dir_layers, self._fd_of(other_parent),
@@ -537,14 +578,16 @@ class Union:
                 if found is not None and key_of(found.st) in node.keys:
                     node.parent, node.name, node.layer = other_parent, other_name, found.layer
                     return
-            node.unlinked = True
-            return
+            if node.layer.writable:
+                node.unlinked = True  # its upper entry is gone: open fds alone hold it
+                return
+            node.homeless = True  # a lower inode: stat still works through the old name
         try:
             st = self.stat(node)
         except OSError:
             node.unlinked = True
             return
-        if self.nlink(node, st) <= 0 or (st.st_nlink + node.nlink_adjust) <= 0:
+        if node.index_name is not None and st.st_nlink - 1 + node.lower_links <= 0:
             node.unlinked = True
 
     async def rmdir(self, parent: Node, name: bytes) -> None:
@@ -599,6 +642,7 @@ class Union:
         await self.settle(src)
         if dst is not None:
             await self.settle(dst)
+            await self._index_lower_hard_link(dst)
         await self._name_in_upper(src, old_parent, old_name)
         await self.copy_up(new_parent)
         self._do_rename(src, old_parent, old_name, new_parent, new_name, dst)
@@ -640,8 +684,9 @@ class Union:
             if dst.is_dir:
                 dst.unlinked = True
             else:
-                if not (dst_upper is not None and not whiteout.is_whiteout(dst_upper)):
-                    dst.nlink_adjust -= 1
+                if dst.index_name is not None and (
+                        dst_upper is None or whiteout.is_whiteout(dst_upper)):
+                    self._consume_lower_link(dst)
                 self._after_unlink(dst, new_parent, new_name)
         self.table.unlink(old_parent, old_name)
         if src.index_name is None and src.parent is old_parent and src.name == old_name:
@@ -711,6 +756,12 @@ class Union:
         keep = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND)
         return os.open(name, keep | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
 
+    def reopen(self, node: Node, fd: int) -> int:
+        """Open *node*'s current entry with the access mode of *fd*."""
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL) & (os.O_ACCMODE | os.O_NONBLOCK)
+        dir_fd, name = self.location(node)
+        return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+
     def readlink(self, node: Node) -> bytes:
         dir_fd, name = self.location(node)
         return os.readlink(name, dir_fd=dir_fd)
@@ -748,6 +799,7 @@ class Union:
         return [name for name in names if not whiteout.is_internal_xattr(name)]
 
     async def setxattr(self, node: Node, name: str, value: bytes) -> None:
+        self._need_upper()
         if name in VIRTUAL_XATTRS:
             raise _err(errno.EPERM)
         if whiteout.is_internal_xattr(name):
@@ -756,10 +808,12 @@ class Union:
         self._with_xattr_target(node, lambda t: os.setxattr(t, name, value))
 
     async def removexattr(self, node: Node, name: str) -> None:
+        self._need_upper()
         if name in VIRTUAL_XATTRS:
             raise _err(errno.EPERM)
         if whiteout.is_internal_xattr(name):
             raise _err(errno.ENODATA)
+        self._need_upper()
         self.getxattr(node, name)  # ENODATA before any copy-up
         await self._copy_up_any(node)
         self._with_xattr_target(node, lambda t: os.removexattr(t, name))
