@@ -94,23 +94,6 @@ def open_path(dir_fd: int, name: bytes) -> int:
     return os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
 
 
-def set_xattr_at(dir_fd: int, name: bytes, key: str, value: bytes) -> None:
-    """Set an xattr on the entry *name* itself (a symlink is not followed)."""
-    fd = open_path(dir_fd, name)
-    try:
-        os.setxattr(proc_path(fd), key, value)
-    finally:
-        os.close(fd)
-
-
-def get_xattr_at(dir_fd: int, name: bytes, key: str) -> bytes:
-    fd = open_path(dir_fd, name)
-    try:
-        return os.getxattr(proc_path(fd), key)
-    finally:
-        os.close(fd)
-
-
 def set_metadata(dir_fd: int, name: bytes, st: os.stat_result) -> None:
     """Give the entry *name* the owner, mode and times of *st* (never following a symlink).
 

@@ -29,8 +29,7 @@ def key_of(st: os.stat_result) -> Key:
 class Node:
     """One inode of the merged view.
 
-    ``parent``/``name``/``layer`` say where its entry lives now (for an indexed
-    hard link, ``index_name`` in the workdir's index instead). ``dir_layers`` is,
+    ``parent``/``name``/``layer`` say where its entry lives now. ``dir_layers`` is,
     for a directory, every layer whose directory merges into it (top first).
     ``links`` is every (parent, name) under which the kernel knows this node.
     """
@@ -40,7 +39,6 @@ class Node:
         "copying",
         "dir_layers",
         "homeless",
-        "index_name",
         "inode",
         "keys",
         "kind",
@@ -48,7 +46,6 @@ class Node:
         "links",
         "listing",
         "lookups",
-        "lower_links",
         "name",
         "open_fds",
         "parent",
@@ -70,10 +67,6 @@ class Node:
         #: The name it was reached by is gone, but other names of the inode remain
         #: (nlink > 0): the next lookup of one of them gives the node its new home.
         self.homeless = False
-        self.index_name: bytes | None = None
-        #: For an indexed node: how many of its lower names are still visible and not
-        #: yet in the upper (persisted on the index entry, LOWER_LINKS_XATTR).
-        self.lower_links = 0
         self.keys: set[Key] = set()
         self.listing: list[ListedEntry] | None = None
         self.copying: trio.Event | None = None

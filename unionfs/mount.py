@@ -27,19 +27,15 @@ from unionfs.union import Union
 log = logging.getLogger(__name__)
 
 WORK_SUBDIR = "work"
-INDEX_SUBDIR = "unionfs-index"
 
 
-def _open_workdir(workdir: str) -> tuple[int, int]:
-    """Create (if needed) and open the workdir's ``work`` and index directories."""
-    os.makedirs(workdir, mode=0o700, exist_ok=True)
-    fds = []
-    for sub in (WORK_SUBDIR, INDEX_SUBDIR):
-        path = os.path.join(workdir, sub)
-        os.makedirs(path, mode=0o700, exist_ok=True)
-        fds.append(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC))
-    copyup.clean_workdir(fds[0])
-    return fds[0], fds[1]
+def _open_workdir(workdir: str) -> int:
+    """Create (if needed) and open the workdir's ``work`` directory, emptied."""
+    path = os.path.join(workdir, WORK_SUBDIR)
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    copyup.clean_workdir(fd)
+    return fd
 
 
 def build_union(config: MountConfig) -> Union:
@@ -48,11 +44,11 @@ def build_union(config: MountConfig) -> Union:
         layers.append(open_layer(0, config.upper, writable=True))
     for path in config.lowers:
         layers.append(open_layer(len(layers), path, writable=False))
-    work_fd = index_fd = None
+    work_fd = None
     if config.upper is not None:
         assert config.workdir is not None
-        work_fd, index_fd = _open_workdir(config.workdir)
-    return Union(layers, work_fd, index_fd, fsync=config.fsync)
+        work_fd = _open_workdir(config.workdir)
+    return Union(layers, work_fd, fsync=config.fsync)
 
 
 def fuse_options(config: MountConfig) -> set[str]:

@@ -40,9 +40,6 @@ from unionfs.sysc import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, ren
 
 log = logging.getLogger(__name__)
 
-#: On an index entry: the number of its lower names still visible and not in the upper.
-LOWER_LINKS_XATTR = "trusted.unionfs.lower-links"
-
 #: Read-only xattrs that tell where an entry comes from; answered, never listed.
 VIRTUAL_XATTRS = frozenset({"user.unionfs.layer", "user.unionfs.layers",
                             "user.unionfs.copied-up"})
@@ -79,14 +76,15 @@ class SetAttrs:
 class Union:
     """The merged view of a stack of layers, the upper (if any) on top."""
 
-    def __init__(self, layers: list[Layer], work_fd: int | None, index_fd: int | None,
-                 fsync: bool = True) -> None:
+    def __init__(self, layers: list[Layer], work_fd: int | None, fsync: bool = True) -> None:
         self.layers = layers
         #: False with ``-o fsync=0`` or ``volatile``: no fsync of copy-ups or on request.
         self.fsync = fsync
         self.upper: Layer | None = layers[0] if layers[0].writable else None
         self.work_fd = work_fd
-        self.index_fd = index_fd
+        #: Per lower layer: its non-directories with several names, by st_ino (built on
+        #: the first copy-up of such a file; a lower layer never changes).
+        self._multi_linked: dict[int, dict[int, list[tuple[bytes, ...]]]] = {}
         self.table = InodeTable()
         self.fds = DirFdCache()
         top = layers[0]
@@ -126,9 +124,6 @@ class Union:
 
     def location(self, node: Node) -> tuple[int, bytes]:
         """(directory fd, name) of the entry that holds *node*'s data and metadata."""
-        if node.index_name is not None:
-            assert self.index_fd is not None
-            return self.index_fd, node.index_name
         assert node.parent is not None, "the root has no location"
         return self.dir_fd(node.parent, node.layer), node.name
 
@@ -164,14 +159,6 @@ class Union:
     def _node_for(self, parent: Node, name: bytes, found: Found) -> Node:
         st = found.st
         layer = found.layer
-        index_name = None
-        if (not stat.S_ISDIR(st.st_mode) and not layer.writable and st.st_nlink > 1
-                and self.index_fd is not None):
-            candidate = index_name_for(st)
-            indexed = lstat_at(self.index_fd, candidate)
-            if indexed is not None:
-                index_name, layer = candidate, self.upper  # type: ignore[assignment]
-                st = indexed
         key = key_of(st)
         node = self.table.by_key(key)
         if node is not None and node.homeless and node.kind == stat.S_IFMT(st.st_mode):
@@ -180,11 +167,7 @@ class Union:
         elif node is None or node.unlinked or node.kind != stat.S_IFMT(st.st_mode):
             node = Node(self.table.number_for(key_of(found.st)), parent, name, layer,
                         stat.S_IFMT(st.st_mode), found.dir_layers)
-            node.index_name = index_name
-            if index_name is not None:
-                node.lower_links = self._read_lower_links(index_name)
             self.table.add(node, key)
-            self.table.add_key(node, key_of(found.st))
         self.table.link(node, parent, name)
         return node
 
@@ -215,7 +198,7 @@ class Union:
 
     def stat(self, node: Node) -> os.stat_result:
         """The layer's stat of *node*'s entry (not yet adjusted for the merged view)."""
-        if node.unlinked:
+        if node.unlinked or node.homeless:
             if node.open_fds:
                 return os.fstat(node.open_fds[0])
             raise _err(errno.ENOENT)
@@ -236,24 +219,7 @@ class Union:
             # Like the kernel: a directory merged from several layers reports 1
             # ("unknown", find(1) then does not trust it to count subdirectories).
             return 1 if len(node.dir_layers) > 1 else st.st_nlink
-        if node.index_name is not None:
-            # The index entry is one link of the upper inode; the rest are upper names.
-            return max(1, st.st_nlink - 1 + node.lower_links)
         return st.st_nlink
-
-    def _read_lower_links(self, index_name: bytes) -> int:
-        assert self.index_fd is not None
-        try:
-            return int(copyup.get_xattr_at(self.index_fd, index_name, LOWER_LINKS_XATTR))
-        except (OSError, ValueError):
-            return 0
-
-    def _consume_lower_link(self, node: Node) -> None:
-        """One lower name of indexed *node* was whited out or linked into the upper."""
-        assert self.index_fd is not None and node.index_name is not None
-        node.lower_links = max(0, node.lower_links - 1)
-        copyup.set_xattr_at(self.index_fd, node.index_name, LOWER_LINKS_XATTR,
-                            b"%d" % node.lower_links)
 
     # ---------------------------------------------------------------- copy-up
 
@@ -306,11 +272,9 @@ class Union:
     async def _copy_up_file(self, node: Node, upper: Layer, with_data: bool) -> None:
         assert node.parent is not None and self.work_fd is not None
         work_fd = self.work_fd
+        src_layer = node.layer
         src_dir, src_name = self.location(node)
         st = os.stat(src_name, dir_fd=src_dir, follow_symlinks=False)
-        index_name = None
-        if st.st_nlink > 1 and self.index_fd is not None:
-            index_name = index_name_for(st)
         tmp, src, dst = copyup.start_file_copy(src_dir, src_name, st, work_fd, with_data)
         if src is not None and dst is not None:
             try:
@@ -331,22 +295,62 @@ class Union:
         copyup.finish_file_copy(src_dir, src_name, st, work_fd, tmp)
         parent_fd = self.upper_fd(node.parent)
         try:
-            if index_name is not None and self.index_fd is not None:
-                # Every lower name but the one being copied up stays lower-only.
-                node.lower_links = st.st_nlink - 1
-                copyup.set_xattr_at(work_fd, tmp, LOWER_LINKS_XATTR, b"%d" % node.lower_links)
-                os.link(tmp, index_name, src_dir_fd=work_fd, dst_dir_fd=self.index_fd)
             os.rename(tmp, node.name, src_dir_fd=work_fd, dst_dir_fd=parent_fd)
         except BaseException:
             copyup.discard(work_fd, tmp)
             raise
         node.layer = upper
         self._changed(node.parent)
-        if index_name is not None:
-            node.index_name = index_name
         fd, name = self.location(node)
         new = os.stat(name, dir_fd=fd, follow_symlinks=False)
         self.table.remember_copy(node, key_of(new))
+        if st.st_nlink > 1:
+            await self._link_other_names(node, src_layer, st)
+
+    async def _link_other_names(self, node: Node, layer: Layer, st: os.stat_result) -> None:
+        """After copying up a lower inode with several names, link every other name of it
+        that the merged view shows into the upper: the names stay one file, and the
+        upper alone (what the kernel or a runtime reads) says so."""
+        assert self.upper is not None
+        own = self.relpath(node)
+        for path in self._other_names(layer, st):
+            if path == own:
+                continue
+            parent = self._resolve_dir(path[:-1])
+            if parent is None:
+                continue
+            found = find_entry(parent.dir_layers, self._fd_of(parent), path[-1])
+            if found is None or found.layer is not layer or found.st.st_ino != st.st_ino:
+                continue  # whited out or shadowed by a higher layer
+            await self.copy_up(parent)
+            src_dir, src_name = self.location(node)
+            os.link(src_name, path[-1], src_dir_fd=src_dir, dst_dir_fd=self.upper_fd(parent),
+                    follow_symlinks=False)
+            self._changed(parent)
+            parent.children.pop(path[-1], None)
+
+    def relpath(self, node: Node) -> tuple[bytes, ...]:
+        parts = []
+        while node.parent is not None:
+            parts.append(node.name)
+            node = node.parent
+        return tuple(reversed(parts))
+
+    def _resolve_dir(self, path: tuple[bytes, ...]) -> Node | None:
+        """The directory node at *path* in the merged view, or None."""
+        node = self.root
+        for name in path:
+            child = self.lookup(node, name)
+            if child is None or not child.is_dir:
+                return None
+            node = child
+        return node
+
+    def _other_names(self, layer: Layer, st: os.stat_result) -> list[tuple[bytes, ...]]:
+        table = self._multi_linked.get(layer.index)
+        if table is None:
+            table = self._multi_linked[layer.index] = scan_multi_linked(layer.fd)
+        return table.get(st.st_ino, [])
 
     async def _name_in_upper(self, node: Node, parent: Node, name: bytes) -> int:
         """Make sure the entry *name* in *parent* (a name of *node*) exists in the upper.
@@ -362,8 +366,6 @@ class Union:
             src_dir, src_name = self.location(node)
             os.link(src_name, name, src_dir_fd=src_dir, dst_dir_fd=parent_fd,
                     follow_symlinks=False)
-            if node.index_name is not None:
-                self._consume_lower_link(node)
         return parent_fd
 
     # ---------------------------------------------------------------- creating
@@ -545,9 +547,9 @@ class Union:
 
     async def _index_lower_hard_link(self, node: Node) -> None:
         """Before one name of a lower inode with several names goes away, copy the inode
-        up into the index (as the kernel does with index=on): its link count then lives
-        on disk, and every remaining name keeps finding the same file."""
-        if node.is_dir or node.layer.writable or node.index_name is not None:
+        up with all its names (as the kernel copies it into its index with index=on):
+        its link count then lives on disk."""
+        if node.is_dir or node.layer.writable:
             return
         if self.stat(node).st_nlink > 1:
             await self.copy_up(node)
@@ -556,6 +558,7 @@ class Union:
         """Remove *name* (a non-directory name of *node*) from the merged view."""
         parent_fd = self.upper_fd(parent)
         need_whiteout = self.lower_has(parent, name)
+        nlink = self.stat(node).st_nlink
         if lstat_at(parent_fd, name) is not None:
             if need_whiteout:
                 self._remove_upper(parent_fd, name, True)
@@ -563,31 +566,23 @@ class Union:
                 os.unlink(name, dir_fd=parent_fd)
         else:
             whiteout.make_whiteout(parent_fd, name)
-            if node.index_name is not None:
-                self._consume_lower_link(node)
         self._changed(parent)
         self.table.unlink(parent, name)
-        self._after_unlink(node, parent, name)
+        self._after_unlink(node, parent, name, nlink)
 
-    def _after_unlink(self, node: Node, parent: Node, name: bytes) -> None:
-        """Point *node* at another of its names, or mark it homeless or unlinked."""
-        if node.index_name is None and node.parent is parent and node.name == name:
-            for other_parent, other_name in list(node.links):
-                found = find_entry(other_parent.dir_layers, self._fd_of(other_parent),
-                                   other_name)
-                if found is not None and key_of(found.st) in node.keys:
-                    node.parent, node.name, node.layer = other_parent, other_name, found.layer
-                    return
-            if node.layer.writable:
-                node.unlinked = True  # its upper entry is gone: open fds alone hold it
-                return
-            node.homeless = True  # a lower inode: stat still works through the old name
-        try:
-            st = self.stat(node)
-        except OSError:
-            node.unlinked = True
+    def _after_unlink(self, node: Node, parent: Node, name: bytes, nlink: int) -> None:
+        """*name* in *parent*, a name of *node* (which had *nlink* links), is gone: point
+        the node at another name it is known by, or mark it homeless or unlinked."""
+        if node.parent is not parent or node.name != name:
             return
-        if node.index_name is not None and st.st_nlink - 1 + node.lower_links <= 0:
+        for other_parent, other_name in list(node.links):
+            found = find_entry(other_parent.dir_layers, self._fd_of(other_parent), other_name)
+            if found is not None and key_of(found.st) in node.keys:
+                node.parent, node.name, node.layer = other_parent, other_name, found.layer
+                return
+        if nlink > 1:
+            node.homeless = True
+        else:
             node.unlinked = True
 
     async def rmdir(self, parent: Node, name: bytes) -> None:
@@ -655,6 +650,7 @@ class Union:
         new_fd = self.upper_fd(new_parent)
         src_whiteout = self.lower_has(old_parent, old_name)
         dst_upper = lstat_at(new_fd, new_name)
+        dst_nlink = self.stat(dst).st_nlink if dst is not None and not dst.is_dir else 0
         if src.is_dir and self.lower_has(new_parent, new_name):
             # The moved directory replaces a lower one: it must not merge with it.
             whiteout.set_opaque(self.dir_fd(src, src.layer))
@@ -684,12 +680,9 @@ class Union:
             if dst.is_dir:
                 dst.unlinked = True
             else:
-                if dst.index_name is not None and (
-                        dst_upper is None or whiteout.is_whiteout(dst_upper)):
-                    self._consume_lower_link(dst)
-                self._after_unlink(dst, new_parent, new_name)
+                self._after_unlink(dst, new_parent, new_name, dst_nlink)
         self.table.unlink(old_parent, old_name)
-        if src.index_name is None and src.parent is old_parent and src.name == old_name:
+        if src.parent is old_parent and src.name == old_name:
             src.parent, src.name = new_parent, new_name
         self.table.link(src, new_parent, new_name)
 
@@ -870,6 +863,28 @@ class Union:
             self.fds.drop_inode(node.inode, [layer.index for layer in self.layers])
 
 
-def index_name_for(st: os.stat_result) -> bytes:
-    """The name, in the workdir's index, of the upper copy of a lower hard-linked inode."""
-    return b"%x-%x" % (st.st_dev, st.st_ino)
+def scan_multi_linked(root_fd: int) -> dict[int, list[tuple[bytes, ...]]]:
+    """Every non-directory with several names under *root_fd*: st_ino -> paths.
+
+    Walks with directory fds and never follows a symlink.
+    """
+    result: dict[int, list[tuple[bytes, ...]]] = {}
+    stack: list[tuple[int, tuple[bytes, ...]]] = [(os.dup(root_fd), ())]
+    while stack:
+        fd, path = stack.pop()
+        try:
+            with os.scandir(fd) as it:
+                for entry in it:
+                    name = os.fsencode(entry.name)
+                    if entry.is_dir(follow_symlinks=False):
+                        try:
+                            stack.append((open_dir_at(fd, name), (*path, name)))
+                        except OSError:
+                            continue
+                    else:
+                        st = entry.stat(follow_symlinks=False)
+                        if st.st_nlink > 1:
+                            result.setdefault(st.st_ino, []).append((*path, name))
+        finally:
+            os.close(fd)
+    return result
