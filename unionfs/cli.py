@@ -25,7 +25,7 @@ _UNION_KEYS = {"lowerdir", "upperdir", "workdir"}
 #: fuse-overlayfs keys runtimes pass that need nothing from us.
 _TOLERATED = {"volatile", "fsync", "context", "xattr_permissions", "xattr", "noacl", "ro", "rw",
               "dev", "suid", "nodev", "nosuid", "exec", "noexec", "noatime", "relatime",
-              "redirect_dir", "index", "metacopy", "userxattr", "threaded", "static_nlink",
+              "redirect_dir", "index", "userxattr", "threaded", "static_nlink",
               "plugins", "timeout", "fast_ino"}
 #: fuse-overlayfs keys whose meaning we do not implement: refused, never ignored.
 _REFUSED = {"uidmapping", "gidmapping", "squash_to_root", "squash_to_uid", "squash_to_gid"}
@@ -76,6 +76,7 @@ def parse_config(argv: list[str]) -> tuple[MountConfig, argparse.Namespace]:
     keys: dict[str, str] = {}
     fuse: set[str] = set()
     fsync = True
+    metacopy = True
     for text in args.options:
         for item in split_options(text):
             key, _, value = item.partition("=")
@@ -85,6 +86,8 @@ def parse_config(argv: list[str]) -> tuple[MountConfig, argparse.Namespace]:
                 fuse.add(item)
             elif key == "fsync" and value == "0" or key == "volatile":
                 fsync = False
+            elif key == "metacopy" and value in ("on", "off"):
+                metacopy = value == "on"
             elif key in _REFUSED:
                 raise ConfigError(f"option {key} is not supported (owners would be wrong)")
             elif key in _TOLERATED:
@@ -107,7 +110,7 @@ def parse_config(argv: list[str]) -> tuple[MountConfig, argparse.Namespace]:
     workdir = args.workdir or keys.get("workdir") or None
     layers = tuple(layer for layer in lowers.split(":") if layer)
     config = MountConfig(lowers=layers, upper=upper, workdir=workdir, mountpoint=mountpoint,
-                         fuse_options=frozenset(fuse), fsync=fsync)
+                         fuse_options=frozenset(fuse), fsync=fsync, metacopy=metacopy)
     return config, args
 
 

@@ -6,6 +6,7 @@ it removes again, to learn whether the upper's filesystem can hold what we write
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import stat
@@ -26,6 +27,7 @@ class MountConfig:
     mountpoint: str
     fuse_options: frozenset[str] = field(default_factory=frozenset)
     fsync: bool = True
+    metacopy: bool = True
 
 
 def default_workdir(upper: str) -> str:
@@ -117,8 +119,7 @@ def validate(config: MountConfig) -> MountConfig:
     workdir = config.workdir or default_workdir(config.upper)
     _check_workdir(workdir, upper, upper_st, lowers, mnt)
     _probe_upper(config.upper)
-    return MountConfig(config.lowers, config.upper, workdir, config.mountpoint,
-                       config.fuse_options, config.fsync)
+    return dataclasses.replace(config, workdir=workdir)
 
 
 def _check_mountpoint(path: str) -> os.stat_result:

@@ -167,6 +167,23 @@ def start_file_copy(src_dir: int, src_name: bytes, st: os.stat_result, work_fd: 
     return tmp, None, None
 
 
+def start_metadata_copy(src_dir: int, src_name: bytes, st: os.stat_result,
+                        work_fd: int) -> bytes:
+    """A metadata-only copy of a regular file: a sparse file of the same size, marked
+    metacopy (its data stays in the lower layer until it is opened for writing)."""
+    tmp = temp_name()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=work_fd)
+    try:
+        os.ftruncate(fd, st.st_size)
+        whiteout.set_metacopy(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp, dir_fd=work_fd)
+        raise
+    os.close(fd)
+    return tmp
+
+
 def finish_file_copy(src_dir: int, src_name: bytes, st: os.stat_result, work_fd: int,
                      tmp: bytes) -> None:
     """Second step: owner, mode, xattrs and times of the source onto the temporary entry."""

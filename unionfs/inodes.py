@@ -37,6 +37,7 @@ class Node:
     __slots__ = (
         "children",
         "copying",
+        "data_layer",
         "dir_layers",
         "homeless",
         "inode",
@@ -70,6 +71,8 @@ class Node:
         self.keys: set[Key] = set()
         self.listing: list[ListedEntry] | None = None
         self.copying: trio.Event | None = None
+        #: For a metadata-only copy-up: the lower layer that still holds the data.
+        self.data_layer: Layer | None = None
         self.open_fds: list[int] = []
 
     @property

@@ -74,8 +74,6 @@ class Found:
     layer: Layer
     st: os.stat_result
     dir_layers: tuple[Layer, ...]
-    #: Layers below the winning entry that also hold the name (shadowed), for inspection.
-    lower_hit: bool
 
 
 DirFdGetter = Callable[[Layer], int]
@@ -104,7 +102,7 @@ def find_entry(
             break
         if not stat.S_ISDIR(st.st_mode):
             if winner is None:
-                return Found(layer, st, (), _lower_has(parent_layers[pos + 1 :], fd_of, name))
+                return Found(layer, st, ())
             break
         if winner is None:
             winner = (layer, st)
@@ -113,11 +111,7 @@ def find_entry(
             break
     if winner is None:
         return None
-    return Found(winner[0], winner[1], tuple(dirs), len(dirs) > 1)
-
-
-def _lower_has(layers: Sequence[Layer], fd_of: DirFdGetter, name: bytes) -> bool:
-    return any(lstat_at(fd_of(layer), name) is not None for layer in layers)
+    return Found(winner[0], winner[1], tuple(dirs))
 
 
 def _dir_is_opaque(
@@ -131,14 +125,6 @@ def _dir_is_opaque(
         return whiteout.is_opaque_fd(fd)
     finally:
         os.close(fd)
-
-
-def lower_exists(layers: Sequence[Layer], fd_of: DirFdGetter, name: bytes) -> bool:
-    """True when *name* resolves to an entry in the merged view of *layers* alone.
-
-    Used to decide whether deleting a name needs a whiteout.
-    """
-    return find_entry(layers, fd_of, name) is not None
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ def build_union(config: MountConfig) -> Union:
     if config.upper is not None:
         assert config.workdir is not None
         work_fd = _open_workdir(config.workdir)
-    return Union(layers, work_fd, fsync=config.fsync)
+    return Union(layers, work_fd, fsync=config.fsync, metacopy=config.metacopy)
 
 
 def fuse_options(config: MountConfig) -> set[str]:

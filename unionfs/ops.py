@@ -94,7 +94,7 @@ class UnionOperations(pyfuse3.Operations):
         entry.st_rdev = st.st_rdev
         entry.st_size = st.st_size
         entry.st_blksize = st.st_blksize
-        entry.st_blocks = st.st_blocks
+        entry.st_blocks = self.union.blocks(node, st)
         entry.st_atime_ns = st.st_atime_ns
         entry.st_mtime_ns = st.st_mtime_ns
         entry.st_ctime_ns = st.st_ctime_ns
@@ -220,7 +220,7 @@ class UnionOperations(pyfuse3.Operations):
 
     def _file_info(self, node: Node, fd: int) -> pyfuse3.FileInfo:
         node.open_fds.append(fd)
-        fh = self.handles.add_file(FileHandle(fd, node, node.layer))
+        fh = self.handles.add_file(FileHandle(fd, node, self.union.data_source(node)))
         # Every change to a file's data goes through us: its cached pages stay valid.
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
@@ -241,13 +241,13 @@ class UnionOperations(pyfuse3.Operations):
     @boundary
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self.handles.files[fh]
-        if handle.layer is not handle.node.layer and not handle.node.unlinked:
+        if handle.layer is not self.union.data_source(handle.node) and not handle.node.unlinked:
             # Copied up since this (read-only) fd was opened: read the upper copy, as
             # the kernel's overlayfs does.
             fd = self.union.reopen(handle.node, handle.fd)
             handle.node.open_fds[handle.node.open_fds.index(handle.fd)] = fd
             os.close(handle.fd)
-            handle.fd, handle.layer = fd, handle.node.layer
+            handle.fd, handle.layer = fd, self.union.data_source(handle.node)
         return os.pread(handle.fd, size, off)
 
     @boundary

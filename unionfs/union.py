@@ -13,13 +13,15 @@ re-fetched from the cache after each await (the cache may have closed them).
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import errno
 import fcntl
 import functools
 import logging
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import trio
@@ -52,6 +54,14 @@ def _err(code: int, what: bytes | str = "") -> OSError:
     return OSError(code, os.strerror(code), what)
 
 
+class Data(enum.Enum):
+    """What a copy-up does with a regular file's data."""
+
+    COPY = "copy"  # the data comes along (opened for writing, linked, renamed)
+    DROP = "drop"  # the caller truncates it to zero at once: no data is needed
+    LATER = "later"  # a metadata change: metadata only, the data stays below (metacopy)
+
+
 @dataclass(frozen=True)
 class Caller:
     """Who asks: the owner of what they create."""
@@ -76,8 +86,11 @@ class SetAttrs:
 class Union:
     """The merged view of a stack of layers, the upper (if any) on top."""
 
-    def __init__(self, layers: list[Layer], work_fd: int | None, fsync: bool = True) -> None:
+    def __init__(self, layers: list[Layer], work_fd: int | None, fsync: bool = True,
+                 metacopy: bool = True) -> None:
         self.layers = layers
+        #: Metadata changes to a lower regular file copy up its metadata only.
+        self.metacopy = metacopy
         #: False with ``-o fsync=0`` or ``volatile``: no fsync of copy-ups or on request.
         self.fsync = fsync
         self.upper: Layer | None = layers[0] if layers[0].writable else None
@@ -167,9 +180,22 @@ class Union:
         elif node is None or node.unlinked or node.kind != stat.S_IFMT(st.st_mode):
             node = Node(self.table.number_for(key_of(found.st)), parent, name, layer,
                         stat.S_IFMT(st.st_mode), found.dir_layers)
+            if layer.writable and stat.S_ISREG(st.st_mode) and st.st_size > 0:
+                node.data_layer = self._metacopy_data(parent, name)
             self.table.add(node, key)
         self.table.link(node, parent, name)
         return node
+
+    def _metacopy_data(self, parent: Node, name: bytes) -> Layer | None:
+        """For an upper file that holds metadata only: the layer that holds its data."""
+        assert self.upper is not None
+        if not whiteout.is_metacopy(self.dir_fd(parent, self.upper), name):
+            return None
+        found = find_entry(self._lower_layers(parent), self._fd_of(parent), name)
+        if found is None or not stat.S_ISREG(found.st.st_mode):
+            log.warning("metacopy file %r has no lower data; its upper data is used", name)
+            return None
+        return found.layer
 
     def child_for_listing(self, parent: Node, entry: ListedEntry) -> Node | None:
         """The node of a listed entry (readdirplus), found without searching every layer
@@ -182,7 +208,7 @@ class Union:
         st = lstat_at(self.dir_fd(parent, entry.layer), entry.name)
         if st is None:
             return None
-        return self._node_for(parent, entry.name, Found(entry.layer, st, (), False))
+        return self._node_for(parent, entry.name, Found(entry.layer, st, ()))
 
     def listing(self, node: Node) -> list[ListedEntry]:
         """The merged entries of directory *node*, cached until a change in it."""
@@ -212,6 +238,14 @@ class Union:
             raise _err(errno.ENOENT, name)
         return st
 
+    def blocks(self, node: Node, st: os.stat_result) -> int:
+        """Blocks in use: a metadata-only copy reports its lower data's, as the kernel does."""
+        if node.data_layer is None:
+            return st.st_blocks
+        dir_fd, name = self.data_location(node)
+        data = lstat_at(dir_fd, name)
+        return st.st_blocks if data is None else data.st_blocks
+
     def nlink(self, node: Node, st: os.stat_result) -> int:
         if node.unlinked:
             return 0
@@ -233,26 +267,69 @@ class Union:
         while node.copying is not None:
             await node.copying.wait()
 
-    async def copy_up(self, node: Node, with_data: bool = True) -> None:
-        """Make *node* live in the upper, its parents first."""
+    async def copy_up(self, node: Node, data: Data = Data.COPY) -> None:
+        """Make *node* live in the upper, its parents first; *data* says what becomes of
+        a regular file's data."""
         upper = self._need_upper()
         await self.settle(node)
-        if node.layer is upper:
-            return
-        assert node.parent is not None
-        await self.copy_up(node.parent)
-        await self.settle(node)
-        if node.layer is upper:
-            return
+        if node.layer is not upper:
+            assert node.parent is not None
+            await self.copy_up(node.parent)
+            await self.settle(node)
+        if node.layer is not upper:
+            async with self._copying(node):
+                if node.is_dir:
+                    self._copy_up_dir(node, upper)
+                else:
+                    await self._copy_up_file(node, upper, data)
+        if node.data_layer is not None and data is not Data.LATER:
+            async with self._copying(node):
+                await self._fill_data(node, data)
+
+    @contextlib.asynccontextmanager
+    async def _copying(self, node: Node) -> AsyncIterator[None]:
+        """Mark *node* as being copied up: every change to it settles first."""
         node.copying = trio.Event()
         try:
-            if node.is_dir:
-                self._copy_up_dir(node, upper)
-            else:
-                await self._copy_up_file(node, upper, with_data)
+            yield
         finally:
             event, node.copying = node.copying, None
             event.set()
+
+    def data_location(self, node: Node) -> tuple[int, bytes]:
+        """(directory fd, name) of the entry that holds *node*'s data: the lower entry
+        below a metadata-only copy-up, else the entry itself."""
+        if node.data_layer is not None:
+            assert node.parent is not None
+            return self.dir_fd(node.parent, node.data_layer), node.name
+        return self.location(node)
+
+    def data_source(self, node: Node) -> Layer:
+        return node.data_layer or node.layer
+
+    async def _fill_data(self, node: Node, data: Data) -> None:
+        """Give a metadata-only copy its data, in place. The metacopy mark goes only once
+        the data is whole and synced, so a crash leaves the lower data in use."""
+        assert node.data_layer is not None
+        dir_fd, name = self.location(node)
+        dst = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            if data is Data.COPY:
+                st = os.fstat(dst)
+                src_dir, src_name = self.data_location(node)
+                src = os.open(src_name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                              dir_fd=src_dir)
+                try:
+                    size = min(st.st_size, os.fstat(src).st_size)
+                    # Invariant across this await: node.copying is set.
+                    await trio.to_thread.run_sync(copyup.copy_data, src, dst, size, self.fsync)
+                finally:
+                    os.close(src)
+                os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+            whiteout.clear_metacopy(dst)
+        finally:
+            os.close(dst)
+        node.data_layer = None
 
     def _copy_up_dir(self, node: Node, upper: Layer) -> None:
         assert node.parent is not None and self.work_fd is not None
@@ -269,13 +346,20 @@ class Union:
         self._changed(node.parent)
         self.table.remember_copy(node, key_of(os.fstat(self.dir_fd(node, upper))))
 
-    async def _copy_up_file(self, node: Node, upper: Layer, with_data: bool) -> None:
+    async def _copy_up_file(self, node: Node, upper: Layer, data: Data) -> None:
         assert node.parent is not None and self.work_fd is not None
         work_fd = self.work_fd
         src_layer = node.layer
         src_dir, src_name = self.location(node)
         st = os.stat(src_name, dir_fd=src_dir, follow_symlinks=False)
-        tmp, src, dst = copyup.start_file_copy(src_dir, src_name, st, work_fd, with_data)
+        metadata_only = (data is Data.LATER and self.metacopy and stat.S_ISREG(st.st_mode)
+                         and st.st_nlink == 1 and st.st_size > 0)
+        src = dst = None
+        if metadata_only:
+            tmp = copyup.start_metadata_copy(src_dir, src_name, st, work_fd)
+        else:
+            tmp, src, dst = copyup.start_file_copy(src_dir, src_name, st, work_fd,
+                                                   with_data=data is not Data.DROP)
         if src is not None and dst is not None:
             try:
                 if st.st_size >= THREAD_COPY_MIN:
@@ -300,6 +384,8 @@ class Union:
             copyup.discard(work_fd, tmp)
             raise
         node.layer = upper
+        if metadata_only:
+            node.data_layer = src_layer
         self._changed(node.parent)
         fd, name = self.location(node)
         new = os.stat(name, dir_fd=fd, follow_symlinks=False)
@@ -697,9 +783,12 @@ class Union:
     # ---------------------------------------------------------------- changing
 
     async def setattr(self, node: Node, attrs: SetAttrs, fd: int | None) -> None:
-        truncating = attrs.size is not None
         if node.parent is not None:
-            await self.copy_up(node, with_data=not (truncating and attrs.size == 0))
+            if attrs.size is None:
+                data = Data.LATER
+            else:
+                data = Data.DROP if attrs.size == 0 else Data.COPY
+            await self.copy_up(node, data)
         elif self.upper is None:
             raise _err(errno.EROFS)
         if attrs.size is not None:
@@ -744,15 +833,15 @@ class Union:
     async def open(self, node: Node, flags: int) -> int:
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
         if writing:
-            await self.copy_up(node, with_data=not flags & os.O_TRUNC)
-        dir_fd, name = self.location(node)
+            await self.copy_up(node, Data.DROP if flags & os.O_TRUNC else Data.COPY)
+        dir_fd, name = self.data_location(node)
         keep = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND)
         return os.open(name, keep | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
 
     def reopen(self, node: Node, fd: int) -> int:
         """Open *node*'s current entry with the access mode of *fd*."""
         flags = fcntl.fcntl(fd, fcntl.F_GETFL) & (os.O_ACCMODE | os.O_NONBLOCK)
-        dir_fd, name = self.location(node)
+        dir_fd, name = self.data_location(node)
         return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
 
     def readlink(self, node: Node) -> bytes:
@@ -815,7 +904,7 @@ class Union:
         if node.parent is None:
             self._need_upper()
         else:
-            await self.copy_up(node)
+            await self.copy_up(node, Data.LATER)
 
     def virtual_xattr(self, node: Node, name: str) -> bytes:
         """Answers to "where does this entry come from?" (read-only, never listed)."""

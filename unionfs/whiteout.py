@@ -10,6 +10,10 @@ Read, in every layer (lowers and upper):
   - opaque: ``trusted.overlay.opaque``, ``user.overlay.opaque``,
     ``user.fuseoverlayfs.opaque`` set to ``y``, or a ``.wh..wh..opq`` entry inside.
 
+Metadata-only copy-up (kernel ``metacopy=on`` format), written and read: an upper
+regular file with the xattr ``trusted.overlay.metacopy`` holds the entry's metadata
+and its size (sparse); its data is still that of the same path in the layers below.
+
 Markers never show in the merged view: `is_marker_name` and `is_internal_xattr`
 say what to hide. Every function works on a directory fd and never follows a
 symlink (a layer is untrusted data).
@@ -31,6 +35,9 @@ OPAQUE_XATTRS = (
 )
 #: The xattr we write to make a directory opaque.
 OPAQUE_XATTR = "trusted.overlay.opaque"
+
+#: Marks an upper file whose data is still in a lower layer.
+METACOPY_XATTR = "trusted.overlay.metacopy"
 
 #: xattr name prefixes that belong to the union's bookkeeping, never to the user.
 INTERNAL_XATTR_PREFIXES = (
@@ -122,3 +129,33 @@ def clear_opaque(fd: int) -> None:
         except OSError as exc:
             if exc.errno not in (errno.ENODATA, errno.ENOTSUP):
                 raise
+
+
+def is_metacopy(dir_fd: int, name: bytes) -> bool:
+    """True when the regular file *name* in *dir_fd* holds metadata only.
+
+    lgetxattr through /proc/self/fd/DIR/NAME: one syscall, and the final
+    component is not followed.
+    """
+    try:
+        os.getxattr(b"/proc/self/fd/%d/%s" % (dir_fd, name), METACOPY_XATTR,
+                    follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.ENOENT):
+            return False
+        raise
+    return True
+
+
+def set_metacopy(fd: int) -> None:
+    """Mark the regular file open at *fd* as holding metadata only."""
+    os.setxattr(fd, METACOPY_XATTR, b"")
+
+
+def clear_metacopy(fd: int) -> None:
+    """The file open at *fd* now holds its data."""
+    try:
+        os.removexattr(fd, METACOPY_XATTR)
+    except OSError as exc:
+        if exc.errno != errno.ENODATA:
+            raise
