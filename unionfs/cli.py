@@ -15,6 +15,7 @@ import sys
 
 from unionfs import __version__
 from unionfs.config import ConfigError, MountConfig, check_fuse, validate
+from unionfs.idmap import IdMap, IdMapError, parse_ranges
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +28,6 @@ _TOLERATED = {"volatile", "fsync", "context", "xattr_permissions", "xattr", "noa
               "dev", "suid", "nodev", "nosuid", "exec", "noexec", "noatime", "relatime",
               "redirect_dir", "index", "userxattr", "threaded", "static_nlink",
               "plugins", "timeout", "fast_ino"}
-#: fuse-overlayfs keys whose meaning we do not implement: refused, never ignored.
-_REFUSED = {"uidmapping", "gidmapping", "squash_to_root", "squash_to_uid", "squash_to_gid"}
 #: Options FUSE itself takes.
 _FUSE_KEYS = {"allow_other", "allow_root", "default_permissions", "no_default_permissions",
               "no_allow_other", "max_read", "fsname", "subtype", "auto_unmount"}
@@ -77,6 +76,7 @@ def parse_config(argv: list[str]) -> tuple[MountConfig, argparse.Namespace]:
     fuse: set[str] = set()
     fsync = True
     metacopy = True
+    ids: dict[str, str] = {}
     for text in args.options:
         for item in split_options(text):
             key, _, value = item.partition("=")
@@ -88,8 +88,9 @@ def parse_config(argv: list[str]) -> tuple[MountConfig, argparse.Namespace]:
                 fsync = False
             elif key == "metacopy" and value in ("on", "off"):
                 metacopy = value == "on"
-            elif key in _REFUSED:
-                raise ConfigError(f"option {key} is not supported (owners would be wrong)")
+            elif key in ("uidmapping", "gidmapping", "squash_to_uid", "squash_to_gid",
+                         "squash_to_root"):
+                ids[key] = value
             elif key in _TOLERATED:
                 log.debug("option %s ignored", item)
             else:
@@ -110,8 +111,23 @@ def parse_config(argv: list[str]) -> tuple[MountConfig, argparse.Namespace]:
     workdir = args.workdir or keys.get("workdir") or None
     layers = tuple(layer for layer in lowers.split(":") if layer)
     config = MountConfig(lowers=layers, upper=upper, workdir=workdir, mountpoint=mountpoint,
-                         fuse_options=frozenset(fuse), fsync=fsync, metacopy=metacopy)
+                         fuse_options=frozenset(fuse), fsync=fsync, metacopy=metacopy,
+                         uid_map=_id_map(ids, "uid"), gid_map=_id_map(ids, "gid"))
     return config, args
+
+
+def _id_map(ids: dict[str, str], kind: str) -> IdMap:
+    """The uid or gid translation from fuse-overlayfs's options."""
+    try:
+        ranges = parse_ranges(ids[f"{kind}mapping"]) if f"{kind}mapping" in ids else ()
+        squash = None
+        if f"squash_to_{kind}" in ids:
+            squash = int(ids[f"squash_to_{kind}"])
+        elif "squash_to_root" in ids:
+            squash = 0
+    except (IdMapError, ValueError) as exc:
+        raise ConfigError(f"option {kind}mapping/squash_to_{kind}: {exc}") from None
+    return IdMap(ranges, squash)
 
 
 def _setup_logging(args: argparse.Namespace, foreground: bool) -> None:

@@ -12,6 +12,8 @@ import os
 import stat
 from dataclasses import dataclass, field
 
+from unionfs.idmap import IDENTITY, IdMap
+
 
 class ConfigError(Exception):
     """A user mistake: printed as one line, without a traceback, exit code 2."""
@@ -28,6 +30,8 @@ class MountConfig:
     fuse_options: frozenset[str] = field(default_factory=frozenset)
     fsync: bool = True
     metacopy: bool = True
+    uid_map: IdMap = IDENTITY
+    gid_map: IdMap = IDENTITY
 
 
 def default_workdir(upper: str) -> str:

@@ -70,7 +70,7 @@ def serve(config: MountConfig, ready: Callable[[str | None], None]) -> int:
     os.umask(0)
     try:
         union = build_union(config)
-        ops = UnionOperations(union)
+        ops = UnionOperations(union, config.uid_map, config.gid_map)
         pyfuse3.init(ops, config.mountpoint, fuse_options(config))
     except (OSError, RuntimeError) as exc:
         ready(f"cannot mount {config.mountpoint}: {exc}")

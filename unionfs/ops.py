@@ -22,6 +22,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
+from unionfs.idmap import IDENTITY, IdMap
 from unionfs.inodes import DirHandle, FileHandle, HandleTable, Node
 from unionfs.union import Caller, SetAttrs, Union
 
@@ -58,8 +59,6 @@ def boundary(
     return wrapper
 
 
-def _caller(ctx: pyfuse3.RequestContext) -> Caller:
-    return Caller(uid=ctx.uid, gid=ctx.gid, umask=ctx.umask)
 
 
 class UnionOperations(pyfuse3.Operations):
@@ -67,10 +66,18 @@ class UnionOperations(pyfuse3.Operations):
 
     enable_acl = True
 
-    def __init__(self, union: Union) -> None:
+    def __init__(self, union: Union, uid_map: IdMap = IDENTITY,
+                 gid_map: IdMap = IDENTITY) -> None:
         super().__init__()
         self.union = union
         self.handles = HandleTable()
+        self.uid_map = uid_map
+        self.gid_map = gid_map
+
+    def _caller(self, ctx: pyfuse3.RequestContext) -> Caller:
+        """The caller, with ids as stored on disk."""
+        return Caller(uid=self.uid_map.to_disk(ctx.uid), gid=self.gid_map.to_disk(ctx.gid),
+                      umask=ctx.umask)
 
     # ------------------------------------------------------------ helpers
 
@@ -89,8 +96,8 @@ class UnionOperations(pyfuse3.Operations):
         entry.attr_timeout = CACHE_TIMEOUT
         entry.st_mode = st.st_mode
         entry.st_nlink = self.union.nlink(node, st)
-        entry.st_uid = st.st_uid
-        entry.st_gid = st.st_gid
+        entry.st_uid = self.uid_map.to_mount(st.st_uid)
+        entry.st_gid = self.gid_map.to_mount(st.st_gid)
         entry.st_rdev = st.st_rdev
         entry.st_size = st.st_size
         entry.st_blksize = st.st_blksize
@@ -142,8 +149,8 @@ class UnionOperations(pyfuse3.Operations):
         handle = self.handles.files.get(fh) if fh is not None else None
         attrs = SetAttrs(
             mode=attr.st_mode if fields.update_mode else None,
-            uid=attr.st_uid if fields.update_uid else None,
-            gid=attr.st_gid if fields.update_gid else None,
+            uid=self.uid_map.to_disk(attr.st_uid) if fields.update_uid else None,
+            gid=self.gid_map.to_disk(attr.st_gid) if fields.update_gid else None,
             size=attr.st_size if fields.update_size else None,
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
@@ -181,19 +188,21 @@ class UnionOperations(pyfuse3.Operations):
     @boundary
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        node = await self.union.mkdir(self._node(parent_inode), name, mode, _caller(ctx))
+        node = await self.union.mkdir(self._node(parent_inode), name, mode, self._caller(ctx))
         return self._reply_entry(node)
 
     @boundary
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        node = await self.union.mknod(self._node(parent_inode), name, mode, rdev, _caller(ctx))
+        node = await self.union.mknod(self._node(parent_inode), name, mode, rdev,
+                                      self._caller(ctx))
         return self._reply_entry(node)
 
     @boundary
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        node = await self.union.symlink(self._node(parent_inode), name, target, _caller(ctx))
+        node = await self.union.symlink(self._node(parent_inode), name, target,
+                                        self._caller(ctx))
         return self._reply_entry(node)
 
     @boundary
@@ -235,7 +244,7 @@ class UnionOperations(pyfuse3.Operations):
                      ctx: pyfuse3.RequestContext
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         node, fd = await self.union.create(self._node(parent_inode), name, mode, flags,
-                                           _caller(ctx))
+                                           self._caller(ctx))
         return self._file_info(node, fd), self._reply_entry(node)
 
     @boundary
