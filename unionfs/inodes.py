@@ -69,7 +69,7 @@ class Node:
         #: (nlink > 0): the next lookup of one of them gives the node its new home.
         self.homeless = False
         self.keys: set[Key] = set()
-        self.listing: list[ListedEntry] | None = None
+        self.listing: dict[bytes, ListedEntry] | None = None
         self.copying: trio.Event | None = None
         #: For a metadata-only copy-up: the lower layer that still holds the data.
         self.data_layer: Layer | None = None

@@ -237,6 +237,41 @@ def _walk_dir(stack: Stack, d: MergedDir, components: tuple[bytes, ...],
                 yield from _walk_dir(stack, child, entry.components, prune)
 
 
+def data_layer(parent: MergedDir, name: bytes, found: Found) -> Layer:
+    """The layer holding the data of the entry *found* for *name* in *parent*: for a
+    metadata-only upper file (metacopy), the lower file at the same path, as the mount
+    reads it (the upper copy when no lower regular file is there)."""
+    if not (found.layer.writable and stat.S_ISREG(found.st.st_mode)
+            and whiteout.is_metacopy(parent.fd_of(found.layer), name)):
+        return found.layer
+    lowers = tuple(layer for layer in parent.layers if not layer.writable)
+    lower = find_entry(lowers, parent.fd_of, name)
+    if lower is None or not stat.S_ISREG(lower.st.st_mode):
+        return found.layer
+    return lower.layer
+
+
+def open_data(stack: Stack, components: tuple[bytes, ...]) -> int:
+    """Open (read-only) the file that holds the data of the merged entry *components*,
+    a regular file of the merged view. Raises OSError."""
+    root = root_dir(stack.layers)
+    if root is None:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), join(components))
+    with root:
+        parent, opened = _resolve_parent(root, components)
+        try:
+            found = parent.find(components[-1])
+            if found is None:
+                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT),
+                                        join(components))
+            layer = data_layer(parent, components[-1], found)
+            return os.open(components[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                           dir_fd=parent.fd_of(layer))
+        finally:
+            for d in reversed(opened):
+                d.close()
+
+
 # --------------------------------------------------------------------------- attributes
 
 
@@ -300,6 +335,10 @@ class TreeEntry:
     merges: tuple[Layer, ...]
     #: Layers below that hold the name and are hidden by this entry.
     shadows: tuple[Holder, ...]
+    #: A directory that stops the merge with the layers below it.
+    opaque: bool = False
+    #: For a metadata-only upper file (metacopy): the layer that holds its data.
+    data_layer: Layer | None = None
 
 
 @dataclass(frozen=True)
@@ -359,17 +398,19 @@ def inspect(stack: Stack, path: bytes = b"/") -> Report:
     """The merged tree under *path* with each entry's origin, and per-layer totals."""
     start = split_path(path)
     entries: list[TreeEntry] = []
-    visible: dict[bytes, Layer] = {}
+    visible: dict[bytes, tuple[Layer, ...]] = {}
     for item in walk(stack, start):
         found = item.found
         merges = found.dir_layers[1:]
-        shadows = tuple(h for h in holders(item.parent, item.name)
-                        if h.layer is not found.layer and h.layer not in merges)
+        held = holders(item.parent, item.name)
+        shadows = tuple(h for h in held if h.layer is not found.layer and h.layer not in merges)
+        opaque = any(h.layer is found.layer and h.kind == "opaque" for h in held)
+        data = data_layer(item.parent, item.name, found)
         if not item.is_dir:
-            visible[item.path] = found.layer
+            visible[item.path] = (found.layer, data)
         size = found.st.st_size if stat.S_ISREG(found.st.st_mode) else 0
         entries.append(TreeEntry(item.path, kind_of(found.st), size, found.layer, merges,
-                                 shadows))
+                                 shadows, opaque, None if data is found.layer else data))
     totals = tuple(_layer_totals(stack, pos, start, visible)
                    for pos in range(len(stack.layers)))
     return Report(join(start), tuple(entries), totals)
@@ -380,19 +421,20 @@ class _Tally:
 
     def __init__(self) -> None:
         self._counts: dict[str, list[int]] = {}
-        self._counted: set[tuple[str, int, int]] = set()
+        self._counted: set[tuple[bool, int, int]] = set()
         #: (st_dev, st_ino) of the layer's own regular files -> (size, shown by a
         #: name of the merged view)
         self.own: dict[tuple[int, int], tuple[int, bool]] = {}
 
-    def add(self, what: str, st: os.stat_result) -> None:
-        """Count one non-directory as *what*; its bytes once per inode and *what*."""
+    def add(self, what: str, st: os.stat_result, size: int) -> None:
+        """Count one non-directory as *what*; its *size* once per inode (the first time
+        the layer's own entries, or the entries below it, meet the inode)."""
         counts = self._counts.setdefault(what, [0, 0])
         counts[0] += 1
-        key = (what, st.st_dev, st.st_ino)
-        if stat.S_ISREG(st.st_mode) and key not in self._counted:
+        key = (what == "deleted", st.st_dev, st.st_ino)
+        if key not in self._counted:
             self._counted.add(key)
-            counts[1] += st.st_size
+            counts[1] += size
 
     def count(self, what: str) -> Count:
         files, size = self._counts.get(what, (0, 0))
@@ -412,7 +454,8 @@ def _open_dir_or_none(dir_fd: int, name: bytes) -> int | None:
 class _LayerWalk:
     """Walks one layer's own tree beside the merged view of the layers below it."""
 
-    def __init__(self, stack: Stack, pos: int, visible: dict[bytes, Layer]) -> None:
+    def __init__(self, stack: Stack, pos: int,
+                 visible: dict[bytes, tuple[Layer, ...]]) -> None:
         self.stack = stack
         self.layer = stack.layers[pos]
         self.below = stack.layers[pos + 1:]
@@ -426,8 +469,10 @@ class _LayerWalk:
         try:
             layer_fd: int | None = self.layer.fd
             below = below_root
+            hiding = False
             for name in start[:-1]:
                 assert layer_fd is not None
+                hiding = hiding or whiteout.is_opaque_fd(layer_fd)
                 layer_fd = _open_dir_or_none(layer_fd, name)
                 if layer_fd is None:
                     break
@@ -441,7 +486,8 @@ class _LayerWalk:
             if layer_fd is not None and not start:
                 self._dir(layer_fd, below, ())
             elif layer_fd is not None:
-                self._entry(layer_fd, start[-1], below, start)
+                hiding = hiding or whiteout.is_opaque_fd(layer_fd)
+                self._entry(layer_fd, start[-1], below, start, hiding)
         finally:
             for d in reversed(opened):
                 d.close()
@@ -454,17 +500,21 @@ class _LayerWalk:
         return LayerTotals(self.layer, t.count("added"), t.count("changed"),
                            t.count("deleted"), wasted)
 
-    def _dir(self, fd: int, below: MergedDir | None, components: tuple[bytes, ...]) -> None:
+    def _dir(self, fd: int, below: MergedDir | None, components: tuple[bytes, ...],
+             hiding: bool = False) -> None:
+        """*hiding*: an ancestor in this layer is opaque, so everything below that this
+        layer does not hold is deleted, here too."""
         with os.scandir(fd) as it:
             names = sorted(os.fsencode(e.name) for e in it)
         present = {n for n in names if not whiteout.is_marker_name(n)}
         oci_whiteouts = {t for n in names if (t := whiteout.whited_out_name(n)) is not None}
+        hiding = hiding or whiteout.is_opaque_fd(fd)
         for name in sorted(present):
-            self._entry(fd, name, below, (*components, name))
+            self._entry(fd, name, below, (*components, name), hiding)
         if below is None:
             return
         gone = oci_whiteouts - present
-        if whiteout.is_opaque_fd(fd):
+        if hiding:
             gone |= set(below.names()) - present
         for name in sorted(gone):
             found = below.find(name)
@@ -472,7 +522,7 @@ class _LayerWalk:
                 self._deleted(below, name, found)
 
     def _entry(self, parent_fd: int, name: bytes, below: MergedDir | None,
-               components: tuple[bytes, ...]) -> None:
+               components: tuple[bytes, ...], hiding: bool = False) -> None:
         st = lstat_at(parent_fd, name)
         if st is None:
             return
@@ -490,30 +540,35 @@ class _LayerWalk:
                     self._deleted(below, name, found)
             fd = open_dir_at(parent_fd, name)
             try:
-                self._dir(fd, child_below, components)
+                self._dir(fd, child_below, components, hiding)
             finally:
                 os.close(fd)
                 if child_below is not None:
                     child_below.close()
             return
+        # Bytes this layer stores: none for a metadata-only copy (its data is below).
+        size = st.st_size if stat.S_ISREG(st.st_mode) else 0
+        if size and self.layer.writable and whiteout.is_metacopy(parent_fd, name):
+            size = 0
         if found is None:
-            self.tally.add("added", st)
+            self.tally.add("added", st, size)
         elif stat.S_ISDIR(found.st.st_mode):
             assert below is not None
-            self.tally.add("added", st)
+            self.tally.add("added", st, size)
             self._deleted(below, name, found)
         else:
-            self.tally.add("changed", st)
-        if stat.S_ISREG(st.st_mode):
+            self.tally.add("changed", st, size)
+        if size:
             key = (st.st_dev, st.st_ino)
-            size, shown = self.tally.own.get(key, (st.st_size, False))
-            shown = shown or self.visible.get(join(components)) is self.layer
+            shown = self.tally.own.get(key, (size, False))[1]
+            shown = shown or self.layer in self.visible.get(join(components), ())
             self.tally.own[key] = (size, shown)
 
     def _deleted(self, below: MergedDir, name: bytes, found: Found) -> None:
         """Count the non-directories of the below view that *found* is or holds."""
         if not stat.S_ISDIR(found.st.st_mode):
-            self.tally.add("deleted", found.st)
+            st = found.st
+            self.tally.add("deleted", st, st.st_size if stat.S_ISREG(st.st_mode) else 0)
             return
         with below.child(name, found) as child:
             for sub in child.names():
@@ -523,7 +578,7 @@ class _LayerWalk:
 
 
 def _layer_totals(stack: Stack, pos: int, start: tuple[bytes, ...],
-                  visible: dict[bytes, Layer]) -> LayerTotals:
+                  visible: dict[bytes, tuple[Layer, ...]]) -> LayerTotals:
     return _LayerWalk(stack, pos, visible).run(start)
 
 

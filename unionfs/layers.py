@@ -134,7 +134,7 @@ class ListedEntry:
     is_dir: bool
 
 
-def merged_listing(dir_layers: Sequence[Layer], fd_of: DirFdGetter) -> list[ListedEntry]:
+def merged_listing(dir_layers: Sequence[Layer], fd_of: DirFdGetter) -> dict[bytes, ListedEntry]:
     """The union of the directories in *dir_layers* (top first), once per name.
 
     Whiteouts and OCI markers hide names below them and are never listed.
@@ -161,7 +161,7 @@ def merged_listing(dir_layers: Sequence[Layer], fd_of: DirFdGetter) -> list[List
             seen[name] = ListedEntry(name, layer, is_dir)
         for name in hidden:
             seen.setdefault(name, None)
-    return [entry for entry in seen.values() if entry is not None]
+    return {name: entry for name, entry in seen.items() if entry is not None}
 
 
 def _scan(fd: int) -> Iterator[tuple[bytes, bool, bool]]:

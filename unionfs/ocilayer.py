@@ -42,8 +42,8 @@ from dataclasses import dataclass
 from typing import BinaryIO, Protocol, Self, cast
 
 from unionfs import copyup, whiteout
-from unionfs.inspect import read_xattrs, user_visible_xattr
-from unionfs.layers import Layer, lstat_at, open_dir_at
+from unionfs.inspect import Stack, open_data, read_xattrs, user_visible_xattr
+from unionfs.layers import lstat_at, open_dir_at
 
 log = logging.getLogger(__name__)
 
@@ -116,13 +116,17 @@ class Exported:
     skipped: tuple[bytes, ...]
 
 
-def export_layer(upper: Layer, sink: BinaryIO, *, compress: bool = False,
+def export_layer(stack: Stack, sink: BinaryIO, *, compress: bool = False,
                  progress: Progress | None = None) -> Exported:
-    """Write *upper* as an OCI layer tar (gzipped when *compress*) to *sink*.
+    """Write the upper of *stack* as an OCI layer tar (gzipped when *compress*) to *sink*.
 
-    *progress(done, total)* is called as file data is written (bytes of regular
-    files). Raises OSError.
+    The data of a metadata-only upper file (metacopy) is read from the lower layer
+    that holds it, as the mount reads it. *progress(done, total)* is called as file
+    data is written (bytes of regular files). Raises OSError.
     """
+    upper = stack.upper
+    if upper is None:
+        raise LayerError("no upper layer to export")
     items: list[_Item] = []
     skipped: list[tuple[bytes, ...]] = []
     _collect(upper.fd, (), items, skipped)
@@ -137,7 +141,7 @@ def export_layer(upper: Layer, sink: BinaryIO, *, compress: bool = False,
     with _DirCache(upper.fd) as dirs, tarfile.open(
             fileobj=tar_out, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8",
             errors="surrogateescape") as tar:
-        writer = _TarWriter(tar, dirs, total, progress)
+        writer = _TarWriter(stack, tar, dirs, total, progress)
         for item in items:
             writer.add(item)
     if zipped is not None:
@@ -251,6 +255,32 @@ class _DirCache:
         self.close()
 
 
+class _PaxInfo(tarfile.TarInfo):
+    """A TarInfo whose PAX records hold raw bytes, as GNU tar and Go write them.
+
+    tarfile marks a header holding any non-UTF-8 value (a binary xattr such as a file
+    capability, a non-UTF-8 name) ``hdrcharset=BINARY``, which GNU tar warns about;
+    the values themselves are the same bytes either way.
+    """
+
+    @classmethod
+    def _create_pax_generic_header(cls, pax_headers: dict[str, str], type: bytes,
+                                   encoding: str) -> bytes:
+        records = b""
+        for keyword, value in pax_headers.items():
+            record = b" " + keyword.encode("utf-8") + b"=" + _raw(value) + b"\n"
+            size = len(record)
+            while len(str(size).encode()) + len(record) != size:
+                size = len(str(size).encode()) + len(record)
+            records += str(size).encode() + record
+        header = {"name": "././@PaxHeader", "type": type, "size": len(records),
+                  "magic": tarfile.POSIX_MAGIC}
+        # tarfile's own (private, untyped) helpers build the header block and padding.
+        block = cls._create_header(  # type: ignore[attr-defined]
+            header, tarfile.USTAR_FORMAT, "ascii", "replace")
+        return bytes(block + cls._create_payload(records))  # type: ignore[attr-defined]
+
+
 def _pax_time(ns: int) -> str:
     sign = "-" if ns < 0 else ""
     sec, frac = divmod(abs(ns), _NS)
@@ -258,8 +288,9 @@ def _pax_time(ns: int) -> str:
 
 
 class _TarWriter:
-    def __init__(self, tar: tarfile.TarFile, dirs: _DirCache, total: int,
+    def __init__(self, stack: Stack, tar: tarfile.TarFile, dirs: _DirCache, total: int,
                  progress: Progress | None) -> None:
+        self.stack = stack
         self.tar = tar
         self.dirs = dirs
         self.total = total
@@ -269,7 +300,7 @@ class _TarWriter:
         self.links: dict[tuple[int, int], str] = {}
 
     def _info(self, path: tuple[bytes, ...], st: os.stat_result, mode: int) -> tarfile.TarInfo:
-        info = tarfile.TarInfo(_text(b"/".join(path)))
+        info = _PaxInfo(_text(b"/".join(path)))
         info.mode = mode
         info.uid, info.gid = st.st_uid, st.st_gid
         info.uname = info.gname = ""
@@ -303,7 +334,7 @@ class _TarWriter:
             info.pax_headers = {**info.pax_headers,
                                 **{_SCHILY + key: _text(value) for key, value in xattrs.items()}}
         if stat.S_ISREG(st.st_mode):
-            self._add_file(info, parent, name, st)
+            self._add_file(info, item.source, parent, st)
             return
         if stat.S_ISDIR(st.st_mode):
             info.type = tarfile.DIRTYPE
@@ -317,11 +348,17 @@ class _TarWriter:
             info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
         self.tar.addfile(info)
 
-    def _add_file(self, info: tarfile.TarInfo, parent: int, name: bytes,
-                  st: os.stat_result) -> None:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
-        with open(fd, "rb", buffering=0) as data:
+    def _add_file(self, info: tarfile.TarInfo, components: tuple[bytes, ...],
+                  parent: int, st: os.stat_result) -> None:
+        name = components[-1]
+        if whiteout.is_metacopy(parent, name):
+            # Metadata only: the size is the upper file's, the data the lower one's.
+            fd = open_data(self.stack, components)
+            info.size = st.st_size
+        else:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
             info.size = os.fstat(fd).st_size
+        with open(fd, "rb", buffering=0) as data:
             self.tar.addfile(info, _Counted(data, self._advance))
 
     def _advance(self, count: int) -> None:

@@ -285,7 +285,7 @@ class UnionOperations(pyfuse3.Operations):
     @boundary
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         node = self._node(inode)
-        return self.handles.add_dir(DirHandle(node, list(self.union.listing(node))))
+        return self.handles.add_dir(DirHandle(node, list(self.union.listing(node).values())))
 
     @boundary
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
@@ -294,7 +294,7 @@ class UnionOperations(pyfuse3.Operations):
         if start_id == 0:
             # Offsets index a snapshot taken at opendir or at a rewind, so they stay
             # valid while entries come and go (telldir/seekdir).
-            handle.entries = list(self.union.listing(node))
+            handle.entries = list(self.union.listing(node).values())
         position = start_id
         while position < 2:
             dot = node if position == 0 else (node.parent or node)

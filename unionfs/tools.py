@@ -36,7 +36,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as ConfigError (one line), not an exit."""
 
     def error(self, message: str) -> NoReturn:
-        raise ConfigError(f"{self.prog}: {message}")
+        raise ConfigError(f"{self.prog.split()[-1]}: {message}")
 
 
 def main(argv: list[str]) -> int:
@@ -50,8 +50,11 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         return commands[command](args)
-    except (ConfigError, ocilayer.LayerError) as exc:
+    except ConfigError as exc:
         print(f"unionmount: {exc}", file=sys.stderr)
+        return exc.exitcode
+    except ocilayer.LayerError as exc:
+        print(f"unionmount: {command}: {exc}", file=sys.stderr)
         return exc.exitcode
     except BrokenPipeError:
         # The reader went away (``| head``): not an error worth a message.
@@ -122,7 +125,7 @@ def _inspect(argv: list[str]) -> int:
     parser.add_argument("path", nargs="?", default="/", metavar="PATH",
                         help="a path inside the union (default: /)")
     parser.add_argument("--json", action="store_true", help="print JSON")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     with _open(args) as stack:
         report = inspection.inspect(stack, os.fsencode(args.path))
     out = _out()
@@ -141,7 +144,9 @@ def _label(layer: Layer) -> bytes:
 def _report_lines(report: inspection.Report) -> Iterator[bytes]:
     for entry in report.entries:
         size = b"-" if entry.kind == "dir" else b"%d" % entry.size
-        notes = b""
+        notes = b"  opaque" if entry.opaque else b""
+        if entry.data_layer is not None:
+            notes += b"  data: " + _label(entry.data_layer)
         if entry.merges:
             notes += b"  merges: " + b" ".join(_label(layer) for layer in entry.merges)
         if entry.shadows:
@@ -182,6 +187,8 @@ def _report_json(report: inspection.Report) -> dict[str, object]:
             "type": e.kind,
             "size": e.size,
             "layer": e.layer.label,
+            "opaque": e.opaque,
+            "data_layer": None if e.data_layer is None else e.data_layer.label,
             "merges": [layer.label for layer in e.merges],
             "shadows": [{"layer": h.layer.label, "kind": h.kind} for h in e.shadows],
         } for e in report.entries],
@@ -217,12 +224,11 @@ def _export(argv: list[str]) -> int:
                         help="layer.tar, layer.tar.gz (gzip) or - (a tar on stdout)")
     args = parser.parse_args(argv)
     with _open(args) as stack:
-        assert stack.upper is not None
         if args.output == "-":
-            result = ocilayer.export_layer(stack.upper, _out(), progress=_progress_bar())
+            result = ocilayer.export_layer(stack, _out(), progress=_progress_bar())
             report = sys.stderr
         else:
-            result = _export_to_file(stack.upper, args.output)
+            result = _export_to_file(stack, args.output)
             report = sys.stdout
     for path in result.skipped:
         print(f"unionmount: warning: {os.fsdecode(path)}: a socket, not exported",
@@ -231,7 +237,7 @@ def _export(argv: list[str]) -> int:
     return 0
 
 
-def _export_to_file(upper: Layer, output: str) -> ocilayer.Exported:
+def _export_to_file(stack: inspection.Stack, output: str) -> ocilayer.Exported:
     """Export into a temporary file beside *output*, renamed over it once complete."""
     directory = os.path.dirname(os.path.abspath(output))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".unionmount-export-")
@@ -241,7 +247,7 @@ def _export_to_file(upper: Layer, output: str) -> ocilayer.Exported:
         os.fchmod(fd, 0o666 & ~umask)
         with open(fd, "wb") as sink:
             compress = output.endswith((".gz", ".tgz"))
-            result = ocilayer.export_layer(upper, sink, compress=compress,
+            result = ocilayer.export_layer(stack, sink, compress=compress,
                                            progress=_progress_bar())
             os.fsync(sink.fileno())
         os.replace(tmp, output)

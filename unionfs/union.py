@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 VIRTUAL_XATTRS = frozenset({"user.unionfs.layer", "user.unionfs.layers",
                             "user.unionfs.copied-up"})
 
+#: In a directory merged from this many layers, lookups use its merged listing.
+LISTING_LOOKUP_LAYERS = 3
+
 #: Copy-ups of files at least this large run their data copy in a worker thread.
 THREAD_COPY_MIN = 1 << 20
 
@@ -98,6 +101,7 @@ class Union:
         #: Per lower layer: its non-directories with several names, by st_ino (built on
         #: the first copy-up of such a file; a lower layer never changes).
         self._multi_linked: dict[int, dict[int, list[tuple[bytes, ...]]]] = {}
+        self.name_max = os.statvfs(layers[0].fd).f_namemax
         self.table = InodeTable()
         self.fds = DirFdCache()
         top = layers[0]
@@ -159,11 +163,17 @@ class Union:
 
     def lookup(self, parent: Node, name: bytes) -> Node | None:
         """The node for *name* in *parent*, or None. Does not count a kernel reference."""
+        if len(name) > self.name_max:
+            raise _err(errno.ENAMETOOLONG, name)
         if whiteout.is_marker_name(name):
             return None
         child = parent.children.get(name)
         if child is not None:
             return child
+        if parent.listing is not None or len(parent.dir_layers) >= LISTING_LOOKUP_LAYERS:
+            # The merged listing answers without a search through every layer.
+            entry = self.listing(parent).get(name)
+            return None if entry is None else self.child_for_listing(parent, entry)
         found = find_entry(parent.dir_layers, self._fd_of(parent), name)
         if found is None:
             return None
@@ -204,13 +214,14 @@ class Union:
         if child is not None:
             return child
         if entry.is_dir:
-            return self.lookup(parent, entry.name)
+            found = find_entry(parent.dir_layers, self._fd_of(parent), entry.name)
+            return None if found is None else self._node_for(parent, entry.name, found)
         st = lstat_at(self.dir_fd(parent, entry.layer), entry.name)
         if st is None:
             return None
         return self._node_for(parent, entry.name, Found(entry.layer, st, ()))
 
-    def listing(self, node: Node) -> list[ListedEntry]:
+    def listing(self, node: Node) -> dict[bytes, ListedEntry]:
         """The merged entries of directory *node*, cached until a change in it."""
         if node.listing is None:
             node.listing = merged_listing(node.dir_layers, self._fd_of(node))

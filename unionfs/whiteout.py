@@ -75,22 +75,26 @@ def is_internal_xattr(name: str) -> bool:
     return name.startswith(INTERNAL_XATTR_PREFIXES)
 
 
-def _xattr_is_y(fd: int, name: str) -> bool:
-    try:
-        return os.getxattr(fd, name) == b"y"
-    except OSError as exc:
-        if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES):
-            return False
-        raise
-
-
 def is_opaque_fd(dir_fd: int) -> bool:
     """True when the directory open at *dir_fd* stops the merge of the layers below it.
 
-    *dir_fd* must be a real (not O_PATH) descriptor of the directory itself.
+    *dir_fd* must be a real (not O_PATH) descriptor of the directory itself. One
+    flistxattr answers for the common case of a directory without xattrs.
     """
-    if any(_xattr_is_y(dir_fd, name) for name in OPAQUE_XATTRS):
-        return True
+    try:
+        names = os.listxattr(dir_fd)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTSUP, errno.EPERM, errno.EACCES):
+            raise
+        names = []
+    for name in OPAQUE_XATTRS:
+        if name in names:
+            try:
+                if os.getxattr(dir_fd, name) == b"y":
+                    return True
+            except OSError as exc:
+                if exc.errno not in (errno.ENODATA, errno.EPERM, errno.EACCES):
+                    raise
     try:
         os.stat(OPAQUE_MARKER, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
