@@ -20,6 +20,7 @@ import os
 import stat
 
 from unionfs import whiteout
+from unionfs.sysc import at_path
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +64,12 @@ def copy_data(src_fd: int, dst_fd: int, size: int, fsync: bool = True) -> None:
         os.fsync(dst_fd)
 
 
-def copy_xattrs(src: int | str, dst: int | str) -> None:
-    """Copy every xattr the caller may read from *src* to *dst* (fds or /proc paths),
-    except the union's own bookkeeping."""
+def copy_xattrs(src: int | bytes, dst: int | bytes) -> None:
+    """Copy every xattr the caller may read from *src* to *dst* (fds, or `at_path` paths
+    whose last component is not followed), except the union's own bookkeeping."""
+    nofollow = {} if isinstance(src, int) else {"follow_symlinks": False}
     try:
-        names = os.listxattr(src)
+        names = os.listxattr(src, **nofollow)
     except OSError as exc:
         if exc.errno in (errno.ENOTSUP, errno.EPERM):
             return
@@ -76,7 +78,7 @@ def copy_xattrs(src: int | str, dst: int | str) -> None:
         if whiteout.is_internal_xattr(name):
             continue
         try:
-            os.setxattr(dst, name, os.getxattr(src, name))
+            os.setxattr(dst, name, os.getxattr(src, name, **nofollow), **nofollow)
         except OSError as exc:
             # A name the upper cannot hold (e.g. a security module's) is not worth
             # failing the copy for; the kernel skips such names too.
@@ -106,15 +108,7 @@ def set_metadata(dir_fd: int, name: bytes, st: os.stat_result) -> None:
 
 
 def copy_xattrs_at(src_dir: int, src_name: bytes, dst_dir: int, dst_name: bytes) -> None:
-    src = open_path(src_dir, src_name)
-    try:
-        dst = open_path(dst_dir, dst_name)
-        try:
-            copy_xattrs(proc_path(src), proc_path(dst))
-        finally:
-            os.close(dst)
-    finally:
-        os.close(src)
+    copy_xattrs(at_path(src_dir, src_name), at_path(dst_dir, dst_name))
 
 
 def make_dir_copy(src_fd: int, st: os.stat_result, work_fd: int) -> bytes:

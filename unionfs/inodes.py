@@ -50,6 +50,7 @@ class Node:
         "name",
         "open_fds",
         "parent",
+        "reply_attrs",
         "unlinked",
     )
 
@@ -74,6 +75,13 @@ class Node:
         #: For a metadata-only copy-up: the lower layer that still holds the data.
         self.data_layer: Layer | None = None
         self.open_fds: list[int] = []
+        #: The attributes last sent to the kernel (ops.py's), dropped by `touched` on
+        #: every change to the node: readdirplus and getattr reuse them.
+        self.reply_attrs: object | None = None
+
+    def touched(self) -> None:
+        """Its attributes changed: the next reply reads them again."""
+        self.reply_attrs = None
 
     @property
     def is_dir(self) -> bool:

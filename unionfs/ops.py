@@ -88,6 +88,12 @@ class UnionOperations(pyfuse3.Operations):
         return node
 
     def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        """*node*'s attributes for a reply: cached until the node is `touched`
+        (pyfuse3 copies them into each reply, so one object serves many)."""
+        cached = node.reply_attrs
+        if cached is not None:
+            assert isinstance(cached, pyfuse3.EntryAttributes)
+            return cached
         st = self.union.stat(node)
         entry = pyfuse3.EntryAttributes()
         entry.st_ino = node.inode
@@ -105,6 +111,8 @@ class UnionOperations(pyfuse3.Operations):
         entry.st_atime_ns = st.st_atime_ns
         entry.st_mtime_ns = st.st_mtime_ns
         entry.st_ctime_ns = st.st_ctime_ns
+        if not node.unlinked and not node.homeless:
+            node.reply_attrs = entry
         return entry
 
     def _reply_entry(self, node: Node) -> pyfuse3.EntryAttributes:
@@ -261,11 +269,9 @@ class UnionOperations(pyfuse3.Operations):
 
     @boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return os.pwrite(self.handles.files[fh].fd, buf, off)
-
-    @boundary
-    async def flush(self, fh: int) -> None:
-        return None
+        handle = self.handles.files[fh]
+        handle.node.touched()
+        return os.pwrite(handle.fd, buf, off)
 
     @boundary
     async def fsync(self, fh: int, datasync: bool) -> None:

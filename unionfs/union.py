@@ -23,6 +23,7 @@ import os
 import stat
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import trio
 
@@ -38,9 +39,10 @@ from unionfs.layers import (
     merged_listing,
     open_dir_at,
 )
-from unionfs.sysc import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, renameat2
+from unionfs.sysc import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, at_path, renameat2
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Read-only xattrs that tell where an entry comes from; answered, never listed.
 VIRTUAL_XATTRS = frozenset({"user.unionfs.layer", "user.unionfs.layers",
@@ -229,7 +231,9 @@ class Union:
 
     @staticmethod
     def _changed(directory: Node) -> None:
+        """An entry of *directory* came, went or moved layer."""
         directory.listing = None
+        directory.touched()
 
     # ---------------------------------------------------------------- attributes
 
@@ -341,6 +345,7 @@ class Union:
         finally:
             os.close(dst)
         node.data_layer = None
+        node.touched()
 
     def _copy_up_dir(self, node: Node, upper: Layer) -> None:
         assert node.parent is not None and self.work_fd is not None
@@ -354,6 +359,7 @@ class Union:
             raise
         node.layer = upper
         node.dir_layers = (upper, *node.dir_layers)
+        node.touched()
         self._changed(node.parent)
         self.table.remember_copy(node, key_of(os.fstat(self.dir_fd(node, upper))))
 
@@ -397,6 +403,7 @@ class Union:
         node.layer = upper
         if metadata_only:
             node.data_layer = src_layer
+        node.touched()
         self._changed(node.parent)
         fd, name = self.location(node)
         new = os.stat(name, dir_fd=fd, follow_symlinks=False)
@@ -608,6 +615,7 @@ class Union:
         finally:
             os.close(src)
         self._changed(parent)
+        node.touched()
         self.table.link(node, parent, name)
         return node
 
@@ -664,6 +672,7 @@ class Union:
         else:
             whiteout.make_whiteout(parent_fd, name)
         self._changed(parent)
+        node.touched()
         self.table.unlink(parent, name)
         self._after_unlink(node, parent, name, nlink)
 
@@ -703,6 +712,7 @@ class Union:
         self._changed(parent)
         self.table.unlink(parent, name)
         node.unlinked = True
+        node.touched()
 
     # ---------------------------------------------------------------- renaming
 
@@ -772,7 +782,9 @@ class Union:
             os.unlink(whiteout.oci_whiteout_name(new_name), dir_fd=new_fd)
         self._changed(old_parent)
         self._changed(new_parent)
+        src.touched()
         if dst is not None:
+            dst.touched()
             self.table.unlink(new_parent, new_name)
             if dst.is_dir:
                 dst.unlinked = True
@@ -794,6 +806,7 @@ class Union:
     # ---------------------------------------------------------------- changing
 
     async def setattr(self, node: Node, attrs: SetAttrs, fd: int | None) -> None:
+        node.touched()
         if node.parent is not None:
             if attrs.size is None:
                 data = Data.LATER
@@ -845,6 +858,8 @@ class Union:
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
         if writing:
             await self.copy_up(node, Data.DROP if flags & os.O_TRUNC else Data.COPY)
+            if flags & os.O_TRUNC:
+                node.touched()
         dir_fd, name = self.data_location(node)
         keep = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND)
         return os.open(name, keep | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
@@ -861,34 +876,22 @@ class Union:
 
     # ---------------------------------------------------------------- xattrs
 
-    def _xattr_target(self, node: Node) -> tuple[int | str, int | None]:
-        """Something os.*xattr accepts for *node*'s entry, and an fd to close after."""
+    def _xattr_call(self, node: Node, call: Callable[..., T], *args: object) -> T:
+        """An os.*xattr call on *node*'s entry itself (a symlink is not followed)."""
         if node.is_dir:
-            return self.dir_fd(node, node.layer), None
+            return call(self.dir_fd(node, node.layer), *args)
         dir_fd, name = self.location(node)
-        fd = copyup.open_path(dir_fd, name)
-        return copyup.proc_path(fd), fd
-
-    def _with_xattr_target(self, node: Node, call: Callable[[int | str], object]) -> object:
-        target, fd = self._xattr_target(node)
-        try:
-            return call(target)
-        finally:
-            if fd is not None:
-                os.close(fd)
+        return call(at_path(dir_fd, name), *args, follow_symlinks=False)
 
     def getxattr(self, node: Node, name: str) -> bytes:
         if name in VIRTUAL_XATTRS:
             return self.virtual_xattr(node, name)
         if whiteout.is_internal_xattr(name):
             raise _err(errno.ENODATA)
-        value = self._with_xattr_target(node, lambda t: os.getxattr(t, name))
-        assert isinstance(value, bytes)
-        return value
+        return self._xattr_call(node, os.getxattr, name)
 
     def listxattr(self, node: Node) -> list[str]:
-        names = self._with_xattr_target(node, os.listxattr)
-        assert isinstance(names, list)
+        names = self._xattr_call(node, os.listxattr)
         return [name for name in names if not whiteout.is_internal_xattr(name)]
 
     async def setxattr(self, node: Node, name: str, value: bytes) -> None:
@@ -898,7 +901,8 @@ class Union:
         if whiteout.is_internal_xattr(name):
             raise _err(errno.EPERM)
         await self._copy_up_any(node)
-        self._with_xattr_target(node, lambda t: os.setxattr(t, name, value))
+        self._xattr_call(node, os.setxattr, name, value)
+        node.touched()  # ctime, and the mode when it is an ACL
 
     async def removexattr(self, node: Node, name: str) -> None:
         self._need_upper()
@@ -909,7 +913,8 @@ class Union:
         self._need_upper()
         self.getxattr(node, name)  # ENODATA before any copy-up
         await self._copy_up_any(node)
-        self._with_xattr_target(node, lambda t: os.removexattr(t, name))
+        self._xattr_call(node, os.removexattr, name)
+        node.touched()
 
     async def _copy_up_any(self, node: Node) -> None:
         if node.parent is None:

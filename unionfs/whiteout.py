@@ -25,6 +25,8 @@ import errno
 import os
 import stat
 
+from unionfs.sysc import at_path
+
 WH_PREFIX = b".wh."
 OPAQUE_MARKER = b".wh..wh..opq"
 
@@ -138,12 +140,10 @@ def clear_opaque(fd: int) -> None:
 def is_metacopy(dir_fd: int, name: bytes) -> bool:
     """True when the regular file *name* in *dir_fd* holds metadata only.
 
-    lgetxattr through /proc/self/fd/DIR/NAME: one syscall, and the final
-    component is not followed.
+    One lgetxattr (see `sysc.at_path`).
     """
     try:
-        os.getxattr(b"/proc/self/fd/%d/%s" % (dir_fd, name), METACOPY_XATTR,
-                    follow_symlinks=False)
+        os.getxattr(at_path(dir_fd, name), METACOPY_XATTR, follow_symlinks=False)
     except OSError as exc:
         if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.ENOENT):
             return False
