@@ -13,11 +13,13 @@ a worker thread (`copy_data`); everything else here is short metadata calls.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import logging
 import os
 import stat
+from collections.abc import Iterator
 
 from unionfs import whiteout
 from unionfs.sysc import at_path
@@ -26,6 +28,16 @@ log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 30
 _counter = itertools.count()
+
+
+@contextlib.contextmanager
+def times_kept(dir_fd: int) -> Iterator[None]:
+    """Keep the directory's atime and mtime across a copy-up into it: a copy-up is no
+    change to the merged directory (the kernel restores them too), and an image
+    committed from the upper must not show one."""
+    st = os.fstat(dir_fd)
+    yield
+    os.utime(dir_fd, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def temp_name() -> bytes:

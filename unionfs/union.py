@@ -353,7 +353,8 @@ class Union:
         tmp = copyup.make_dir_copy(src_fd, os.fstat(src_fd), self.work_fd)
         parent_fd = self.upper_fd(node.parent)
         try:
-            os.rename(tmp, node.name, src_dir_fd=self.work_fd, dst_dir_fd=parent_fd)
+            with copyup.times_kept(parent_fd):
+                os.rename(tmp, node.name, src_dir_fd=self.work_fd, dst_dir_fd=parent_fd)
         except BaseException:
             copyup.discard(self.work_fd, tmp)
             raise
@@ -396,7 +397,8 @@ class Union:
         copyup.finish_file_copy(src_dir, src_name, st, work_fd, tmp)
         parent_fd = self.upper_fd(node.parent)
         try:
-            os.rename(tmp, node.name, src_dir_fd=work_fd, dst_dir_fd=parent_fd)
+            with copyup.times_kept(parent_fd):
+                os.rename(tmp, node.name, src_dir_fd=work_fd, dst_dir_fd=parent_fd)
         except BaseException:
             copyup.discard(work_fd, tmp)
             raise
@@ -428,8 +430,10 @@ class Union:
                 continue  # whited out or shadowed by a higher layer
             await self.copy_up(parent)
             src_dir, src_name = self.location(node)
-            os.link(src_name, path[-1], src_dir_fd=src_dir, dst_dir_fd=self.upper_fd(parent),
-                    follow_symlinks=False)
+            parent_fd = self.upper_fd(parent)
+            with copyup.times_kept(parent_fd):
+                os.link(src_name, path[-1], src_dir_fd=src_dir, dst_dir_fd=parent_fd,
+                        follow_symlinks=False)
             self._changed(parent)
             parent.children.pop(path[-1], None)
 
