@@ -18,7 +18,7 @@ import enum
 import errno
 import os
 import stat
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Self
 
@@ -100,7 +100,7 @@ class MergedDir:
 
     def names(self) -> list[bytes]:
         """The merged listing, sorted by name."""
-        return sorted(entry.name for entry in merged_listing(self.layers, self.fd_of))
+        return sorted(merged_listing(self.layers, self.fd_of))
 
     def child(self, name: bytes, found: Found) -> MergedDir:
         """The merged directory *name* (a directory *found* in this one)."""
@@ -585,6 +585,15 @@ def _layer_totals(stack: Stack, pos: int, start: tuple[bytes, ...],
 # --------------------------------------------------------------------------- diff
 
 
+#: Paths podman leaves out of ``podman diff`` (libpod's initInodes: what the runtime
+#: mounts or creates in every container), exact paths only: a change below them shows.
+PODMAN_HIDDEN = frozenset({
+    b"/dev", b"/etc/hostname", b"/etc/hosts", b"/etc/resolv.conf", b"/proc", b"/run",
+    b"/run/notify", b"/run/.containerenv", b"/run/secrets", b"/run/podman-init", b"/sys",
+    b"/etc/mtab",
+})
+
+
 class ChangeKind(enum.Enum):
     ADD = "A"
     CHANGE = "C"
@@ -645,7 +654,7 @@ def _meta(parent: MergedDir, name: bytes, found: Found) -> _Meta:
                  target, capability, tuple(sorted(xattrs.items())))
 
 
-def diff(stack: Stack) -> list[Change]:
+def diff(stack: Stack, hidden: Collection[bytes] = ()) -> list[Change]:
     """The changes of the upper, sorted by path, as `podman diff` lists them for a
     container whose storage uses a mount program (containers-storage's naive diff):
 
@@ -659,7 +668,8 @@ def diff(stack: Stack) -> list[Change]:
 
     A directory replaced through the mount (rm -rf, then mkdir: opaque in the upper)
     is a ``C`` with a ``D`` for each old entry directly inside and an ``A`` for each new
-    one. Raises OSError.
+    one. Lines for the paths in *hidden* are left out afterwards (podman leaves out
+    `PODMAN_HIDDEN`; their parent directories keep their ``C``). Raises OSError.
     """
     if stack.upper is None:
         return []
@@ -673,7 +683,8 @@ def diff(stack: Stack) -> list[Change]:
         new_root.close()
         if old_root is not None:
             old_root.close()
-    return sorted(changes, key=lambda change: change.path)
+    return sorted((change for change in changes if change.path not in hidden),
+                  key=lambda change: change.path)
 
 
 def _diff_dir(stack: Stack, new: MergedDir, old: MergedDir | None,

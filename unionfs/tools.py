@@ -203,9 +203,12 @@ def _diff(argv: list[str]) -> int:
                      description="List the upper's changes as A (added), C (changed) and "
                                  "D (deleted) lines, as podman diff prints them.")
     _layers_argument(parser, upper_required=True)
+    parser.add_argument("--all", action="store_true",
+                        help="also list the paths podman diff leaves out (/dev, /proc, "
+                             "/sys, /run, /etc/hosts, /etc/hostname, /etc/resolv.conf, ...)")
     args = parser.parse_args(argv)
     with _open(args) as stack:
-        changes = inspection.diff(stack)
+        changes = inspection.diff(stack, () if args.all else inspection.PODMAN_HIDDEN)
     out = _out()
     out.writelines(change.line() + b"\n" for change in changes)
     out.flush()
