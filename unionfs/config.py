@@ -48,7 +48,7 @@ def _inside(path: str, parent: str) -> bool:
     return path == parent or path.startswith(parent.rstrip("/") + "/")
 
 
-def _check_dir(kind: str, path: str) -> os.stat_result:
+def check_dir(kind: str, path: str) -> os.stat_result:
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -81,7 +81,7 @@ def validate(config: MountConfig) -> MountConfig:
     for layer in config.lowers:
         if not layer:
             raise ConfigError("an empty layer path was given")
-        st = _check_dir("layer", layer)
+        st = check_dir("layer", layer)
         key = (st.st_dev, st.st_ino)
         if key in seen:
             raise ConfigError(f"layer {layer}: the same directory as layer {seen[key]}")
@@ -102,7 +102,7 @@ def validate(config: MountConfig) -> MountConfig:
             raise ConfigError("--workdir needs --upper")
         return config
 
-    upper_st = _check_dir("upper", config.upper)
+    upper_st = check_dir("upper", config.upper)
     upper = _real(config.upper)
     if not os.access(config.upper, os.W_OK):
         raise ConfigError(f"upper {config.upper}: not writable")

@@ -25,12 +25,16 @@ from typing import Self
 from unionfs import copyup, whiteout
 from unionfs.layers import (
     Found,
+    Holder,
     Layer,
     find_entry,
+    holders,
     lstat_at,
     merged_listing,
+    metacopy_data,
     open_dir_at,
     open_layer,
+    root_layers,
 )
 
 CAPABILITY_XATTR = "security.capability"
@@ -128,16 +132,11 @@ class MergedDir:
 
 
 def root_dir(layers: Sequence[Layer]) -> MergedDir | None:
-    """The merged root of *layers* (as the mount builds it): the roots merge down to
-    the first opaque one. None for an empty stack."""
-    dirs: list[Layer] = []
-    for pos, layer in enumerate(layers):
-        dirs.append(layer)
-        if pos + 1 < len(layers) and whiteout.is_opaque_fd(layer.fd):
-            break
+    """The merged root of *layers* (as the mount builds it). None for an empty stack."""
+    dirs = root_layers(layers)
     if not dirs:
         return None
-    return MergedDir(tuple(dirs), {layer.index: layer.fd for layer in dirs}, owned=False)
+    return MergedDir(dirs, {layer.index: layer.fd for layer in dirs}, owned=False)
 
 
 def split_path(path: bytes) -> tuple[bytes, ...]:
@@ -238,17 +237,9 @@ def _walk_dir(stack: Stack, d: MergedDir, components: tuple[bytes, ...],
 
 
 def data_layer(parent: MergedDir, name: bytes, found: Found) -> Layer:
-    """The layer holding the data of the entry *found* for *name* in *parent*: for a
-    metadata-only upper file (metacopy), the lower file at the same path, as the mount
-    reads it (the upper copy when no lower regular file is there)."""
-    if not (found.layer.writable and stat.S_ISREG(found.st.st_mode)
-            and whiteout.is_metacopy(parent.fd_of(found.layer), name)):
-        return found.layer
-    lowers = tuple(layer for layer in parent.layers if not layer.writable)
-    lower = find_entry(lowers, parent.fd_of, name)
-    if lower is None or not stat.S_ISREG(lower.st.st_mode):
-        return found.layer
-    return lower.layer
+    """The layer holding the data of the entry *found* for *name* in *parent* (the lower
+    file below a metadata-only upper copy, as the mount reads it)."""
+    return metacopy_data(parent.layers, parent.fd_of, name, found) or found.layer
 
 
 def open_data(stack: Stack, components: tuple[bytes, ...]) -> int:
@@ -319,13 +310,6 @@ def user_visible_xattr(name: str) -> bool:
 
 
 @dataclass(frozen=True)
-class Holder:
-    layer: Layer
-    #: file (any non-directory: file, symlink, fifo...), dir, opaque or whiteout
-    kind: str
-
-
-@dataclass(frozen=True)
 class TreeEntry:
     path: bytes
     kind: str
@@ -372,28 +356,6 @@ class Report:
     totals: tuple[LayerTotals, ...]
 
 
-def holders(parent: MergedDir, name: bytes) -> list[Holder]:
-    """Every layer of *parent* that holds *name*, top first, with what it holds there."""
-    result = []
-    for layer in parent.layers:
-        fd = parent.fd_of(layer)
-        st = lstat_at(fd, name)
-        if st is None:
-            if whiteout.has_oci_whiteout(fd, name):
-                result.append(Holder(layer, "whiteout"))
-        elif whiteout.is_whiteout(st):
-            result.append(Holder(layer, "whiteout"))
-        elif stat.S_ISDIR(st.st_mode):
-            child = open_dir_at(fd, name)
-            try:
-                result.append(Holder(layer, "opaque" if whiteout.is_opaque_fd(child) else "dir"))
-            finally:
-                os.close(child)
-        else:
-            result.append(Holder(layer, "file"))
-    return result
-
-
 def inspect(stack: Stack, path: bytes = b"/") -> Report:
     """The merged tree under *path* with each entry's origin, and per-layer totals."""
     start = split_path(path)
@@ -402,7 +364,7 @@ def inspect(stack: Stack, path: bytes = b"/") -> Report:
     for item in walk(stack, start):
         found = item.found
         merges = found.dir_layers[1:]
-        held = holders(item.parent, item.name)
+        held = holders(item.parent.layers, item.parent.fd_of, item.name)
         shadows = tuple(h for h in held if h.layer is not found.layer and h.layer not in merges)
         opaque = any(h.layer is found.layer and h.kind == "opaque" for h in held)
         data = data_layer(item.parent, item.name, found)

@@ -127,6 +127,62 @@ def _dir_is_opaque(
         os.close(fd)
 
 
+def root_layers(layers: Sequence[Layer]) -> tuple[Layer, ...]:
+    """The layers whose roots merge into the union's root: down to the first opaque one."""
+    dirs: list[Layer] = []
+    for pos, layer in enumerate(layers):
+        dirs.append(layer)
+        if pos + 1 < len(layers) and whiteout.is_opaque_fd(layer.fd):
+            break
+    return tuple(dirs)
+
+
+@dataclass(frozen=True)
+class Holder:
+    """A layer that holds a name, and what it holds: ``file`` (any non-directory),
+    ``dir``, ``opaque`` (an opaque directory) or ``whiteout``."""
+
+    layer: Layer
+    kind: str
+
+
+def holders(parent_layers: Sequence[Layer], fd_of: DirFdGetter, name: bytes) -> list[Holder]:
+    """Every layer of a merged directory that holds *name*, top first."""
+    result = []
+    for layer in parent_layers:
+        fd = fd_of(layer)
+        st = lstat_at(fd, name)
+        if st is None:
+            if whiteout.has_oci_whiteout(fd, name):
+                result.append(Holder(layer, "whiteout"))
+        elif whiteout.is_whiteout(st):
+            result.append(Holder(layer, "whiteout"))
+        elif stat.S_ISDIR(st.st_mode):
+            child = open_dir_at(fd, name)
+            try:
+                result.append(Holder(layer, "opaque" if whiteout.is_opaque_fd(child) else "dir"))
+            finally:
+                os.close(child)
+        else:
+            result.append(Holder(layer, "file"))
+    return result
+
+
+def metacopy_data(parent_layers: Sequence[Layer], fd_of: DirFdGetter, name: bytes,
+                  found: Found) -> Layer | None:
+    """For an entry *found* that is a metadata-only upper file: the lower layer whose
+    file at the same path holds its data (None otherwise, and when no lower regular
+    file is there: then the upper's own data is used)."""
+    if not (found.layer.writable and stat.S_ISREG(found.st.st_mode)
+            and whiteout.is_metacopy(fd_of(found.layer), name)):
+        return None
+    lowers = tuple(layer for layer in parent_layers if not layer.writable)
+    lower = find_entry(lowers, fd_of, name)
+    if lower is None or not stat.S_ISREG(lower.st.st_mode):
+        return None
+    return lower.layer
+
+
 @dataclass(frozen=True)
 class ListedEntry:
     name: bytes

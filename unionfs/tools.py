@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import json
 import os
-import stat
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ from typing import BinaryIO, NoReturn
 
 from unionfs import inspect as inspection
 from unionfs import ocilayer
-from unionfs.config import ConfigError
+from unionfs.config import ConfigError, check_dir
 from unionfs.layers import Layer
 
 #: Below this much file data, export shows no progress bar.
@@ -87,25 +86,14 @@ def _layers_argument(parser: argparse.ArgumentParser, upper_required: bool) -> N
     parser.add_argument("--upper", required=upper_required, help="the writable layer")
 
 
-def _check_dir(kind: str, path: str) -> None:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise ConfigError(f"{kind} {path}: does not exist") from None
-    except OSError as exc:
-        raise ConfigError(f"{kind} {path}: {exc.strerror}") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise ConfigError(f"{kind} {path}: not a directory")
-
-
 def _open(args: argparse.Namespace) -> inspection.Stack:
     lowers = [layer for layer in args.layers.split(":") if layer]
     if not lowers:
         raise ConfigError("no lower layer given")
     for layer in lowers:
-        _check_dir("layer", layer)
+        check_dir("layer", layer)
     if args.upper is not None:
-        _check_dir("upper", args.upper)
+        check_dir("upper", args.upper)
     return inspection.open_stack(lowers, args.upper)
 
 

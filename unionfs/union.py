@@ -32,12 +32,16 @@ from unionfs.inodes import ROOT_INODE, InodeTable, Node, key_of
 from unionfs.layers import (
     DirFdCache,
     Found,
+    Holder,
     Layer,
     ListedEntry,
     find_entry,
+    holders,
     lstat_at,
     merged_listing,
+    metacopy_data,
     open_dir_at,
+    root_layers,
 )
 from unionfs.sysc import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, at_path, renameat2
 
@@ -107,12 +111,7 @@ class Union:
         self.table = InodeTable()
         self.fds = DirFdCache()
         top = layers[0]
-        root_dirs: list[Layer] = []
-        for pos, layer in enumerate(layers):
-            root_dirs.append(layer)
-            if pos + 1 < len(layers) and whiteout.is_opaque_fd(layer.fd):
-                break
-        self.root = Node(ROOT_INODE, None, b"", top, stat.S_IFDIR, tuple(root_dirs))
+        self.root = Node(ROOT_INODE, None, b"", top, stat.S_IFDIR, root_layers(layers))
         self.root.lookups = 1
         self.table.add(self.root, key_of(os.fstat(top.fd)))
 
@@ -193,21 +192,11 @@ class Union:
             node = Node(self.table.number_for(key_of(found.st)), parent, name, layer,
                         stat.S_IFMT(st.st_mode), found.dir_layers)
             if layer.writable and stat.S_ISREG(st.st_mode) and st.st_size > 0:
-                node.data_layer = self._metacopy_data(parent, name)
+                node.data_layer = metacopy_data(parent.dir_layers, self._fd_of(parent), name,
+                                                found)
             self.table.add(node, key)
         self.table.link(node, parent, name)
         return node
-
-    def _metacopy_data(self, parent: Node, name: bytes) -> Layer | None:
-        """For an upper file that holds metadata only: the layer that holds its data."""
-        assert self.upper is not None
-        if not whiteout.is_metacopy(self.dir_fd(parent, self.upper), name):
-            return None
-        found = find_entry(self._lower_layers(parent), self._fd_of(parent), name)
-        if found is None or not stat.S_ISREG(found.st.st_mode):
-            log.warning("metacopy file %r has no lower data; its upper data is used", name)
-            return None
-        return found.layer
 
     def child_for_listing(self, parent: Node, entry: ListedEntry) -> Node | None:
         """The node of a listed entry (readdirplus), found without searching every layer
@@ -932,34 +921,16 @@ class Union:
             return os.fsencode(node.layer.label)
         holders = self.holders(node)
         if name == "user.unionfs.layers":
-            return b"".join(b"%s %s\n" % (kind.encode(), os.fsencode(layer.label))
-                            for layer, kind in holders)
-        shadows = node.layer.writable and any(not layer.writable for layer, _ in holders)
+            return b"".join(b"%s %s\n" % (held.kind.encode(), os.fsencode(held.layer.label))
+                            for held in holders)
+        shadows = node.layer.writable and any(not held.layer.writable for held in holders)
         return b"yes" if shadows else b"no"
 
-    def holders(self, node: Node) -> list[tuple[Layer, str]]:
-        """Every layer that holds *node*'s name, top first, with what it holds there:
-        ``file`` (any non-directory), ``dir``, ``opaque`` (an opaque dir) or ``whiteout``."""
+    def holders(self, node: Node) -> list[Holder]:
+        """Every layer that holds *node*'s name, top first, with what it holds there."""
         if node.parent is None:
-            return [(layer, "dir") for layer in node.dir_layers]
-        result = []
-        for layer in node.parent.dir_layers:
-            fd = self.dir_fd(node.parent, layer)
-            st = lstat_at(fd, node.name)
-            if st is None:
-                if whiteout.has_oci_whiteout(fd, node.name):
-                    result.append((layer, "whiteout"))
-            elif whiteout.is_whiteout(st):
-                result.append((layer, "whiteout"))
-            elif stat.S_ISDIR(st.st_mode):
-                child = open_dir_at(fd, node.name)
-                try:
-                    result.append((layer, "opaque" if whiteout.is_opaque_fd(child) else "dir"))
-                finally:
-                    os.close(child)
-            else:
-                result.append((layer, "file"))
-        return result
+            return [Holder(layer, "dir") for layer in node.dir_layers]
+        return holders(node.parent.dir_layers, self._fd_of(node.parent), node.name)
 
     def statvfs(self) -> os.statvfs_result:
         return os.statvfs(self.layers[0].fd)
