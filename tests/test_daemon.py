@@ -1,0 +1,212 @@
+"""The daemon itself: what it must never do (die, stall, be asked what the kernel
+already knows) and what it must keep (ACLs).
+
+The first test calls the Operations directly (no mount, as STYLE's "ops" level);
+the others use real mounts of the daemon in a subprocess.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyfuse3
+import pytest
+
+from unionfs.layers import open_layer
+from unionfs.ops import UnionOperations
+from unionfs.union import Union
+
+from mounts import UNIONMOUNT, File, build, mount_unionfs
+
+pytestmark = pytest.mark.usefixtures("mount_guard")
+
+
+class _Ctx:
+    uid = gid = pid = 0
+    umask = 0o022
+
+
+async def test_unexpected_error_is_logged_and_answered_eio(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layer = build(tmp_path / "l", {"f": "x"})
+    ops = UnionOperations(Union([open_layer(0, str(layer), writable=False)], None))
+    entry = await ops.lookup(pyfuse3.ROOT_INODE, b"f", _Ctx())
+    assert entry.st_ino
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(ops.union, "stat", broken)
+    ops.union.table[entry.st_ino].touched()
+    with caplog.at_level(logging.ERROR):
+        with pytest.raises(pyfuse3.FUSEError) as raised:
+            await ops.getattr(entry.st_ino, _Ctx())
+    assert raised.value.errno == errno.EIO
+    assert "a bug" in caplog.text and "Traceback" in caplog.text
+    # An OSError keeps its errno and is no error of the daemon's.
+    monkeypatch.setattr(ops.union, "stat", lambda *a: (_ for _ in ()).throw(
+        PermissionError(errno.EACCES, "no")))
+    with pytest.raises(pyfuse3.FUSEError) as raised:
+        await ops.getattr(entry.st_ino, _Ctx())
+    assert raised.value.errno == errno.EACCES
+
+
+def test_large_copy_up_does_not_stall_other_requests(tmp_path: Path) -> None:
+    big = tmp_path / "lower" / "big"
+    build(tmp_path / "lower", {"small": "s", "dir/x": "x"})
+    with open(big, "wb") as f:
+        f.truncate(0)
+        block = os.urandom(1 << 20)
+        for _ in range(768):
+            f.write(block)
+    m = mount_unionfs([tmp_path / "lower"], tmp_path / "upper", tmp_path / "work",
+                      tmp_path / "mnt", tmp_path / "mnt.log")
+    try:
+        done = threading.Event()
+
+        def append() -> None:
+            with open(m / "big", "ab") as f:  # copies 768 MiB up
+                f.write(b"!")
+            done.set()
+
+        writer = threading.Thread(target=append)
+        writer.start()
+        # Wait until the copy is under way in the workdir.
+        work = tmp_path / "work" / "work"
+        deadline = time.monotonic() + 30
+        while not any(work.iterdir()) and not done.is_set():
+            assert time.monotonic() < deadline, "the copy-up never started"
+            time.sleep(0.005)
+        started = time.monotonic()
+        assert (m / "small").read_text() == "s"
+        os.mkdir(m / "new")
+        assert sorted(os.listdir(m / "dir")) == ["x"]
+        served = time.monotonic() - started
+        still_copying = not done.is_set()
+        writer.join(120)
+        assert done.is_set()
+        assert still_copying, "the copy finished before the other requests: make it larger"
+        assert served < 1.0, f"other requests waited {served:.2f}s for the copy-up"
+        assert os.path.getsize(m / "big") == (768 << 20) + 1
+    finally:
+        m.unmount()
+    m.assert_log_clean()
+
+
+_READER = """
+import os, sys
+root, names = sys.argv[1], sys.argv[2:]
+fds = [os.open(os.path.join(root, n), os.O_RDONLY) for n in names]
+for fd in fds:
+    os.pread(fd, 100, 0)
+for name in names:
+    os.lstat(os.path.join(root, name))  # a read marks the atime stale: fetch it again
+os.lstat(root)
+# The first close() sends FLUSH; the daemon answers ENOSYS once and the kernel stops
+# sending it, so closing the fds below at exit reaches the daemon only with RELEASE,
+# which the kernel sends without waiting.
+os.close(os.open(os.path.join(root, names[0]), os.O_RDONLY))
+print("ready", flush=True)
+sys.stdin.readline()
+for name in names:
+    os.lstat(os.path.join(root, name))
+os.lstat(root)
+for name, fd in zip(names, fds):
+    assert os.pread(fd, 100, 0) == name.encode()
+print("done", flush=True)
+"""
+
+
+def test_warm_stats_and_reads_do_not_reach_the_daemon(tmp_path: Path) -> None:
+    names = [f"d{i}/f{j}" for i in range(5) for j in range(20)]
+    lower = build(tmp_path / "lower", {name: name for name in names})
+    m = mount_unionfs([lower], tmp_path / "upper", tmp_path / "work", tmp_path / "mnt",
+                      tmp_path / "mnt.log")
+    reader = subprocess.Popen([sys.executable, "-c", _READER, str(m.mnt), *names],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    pids = m.pids
+    try:
+        assert reader.stdout is not None and reader.stdin is not None
+        assert reader.stdout.readline().strip() == "ready"
+        assert pids
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        # A stopped daemon answers nothing: what still works is served by the kernel.
+        reader.stdin.write("go\n")
+        reader.stdin.flush()
+        try:
+            out, _ = reader.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("a warm stat or read reached the (stopped) daemon") from None
+        assert out.strip() == "done" and reader.returncode == 0
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+        reader.kill()
+        reader.wait()
+        m.unmount()
+    m.assert_log_clean()
+
+
+def test_acls_are_kept_and_enforced(tmp_path: Path) -> None:
+    lower = build(tmp_path / "lower", {"f": File(b"secret", mode=0o600)})
+    subprocess.run(["setfacl", "-m", "u:nobody:r", str(lower / "f")], check=True)
+    m = mount_unionfs([lower], tmp_path / "upper", tmp_path / "work", tmp_path / "mnt",
+                      tmp_path / "mnt.log")
+
+    def nobody_reads(path: Path) -> bool:
+        # From an inherited fd of the mount's root: nobody may not walk pytest's 0700
+        # temp dirs, and only the ACL of the file itself is under test.
+        root = os.open(m.mnt, os.O_PATH | os.O_DIRECTORY)
+        try:
+            code = ("import os, sys\n"
+                    "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
+                    f"os.close(os.open({path.name!r}, os.O_RDONLY, dir_fd={root}))\n")
+            r = subprocess.run([sys.executable, "-c", code], pass_fds=(root,),
+                               capture_output=True, check=False, timeout=10)
+        finally:
+            os.close(root)
+        return r.returncode == 0
+
+    try:
+        assert nobody_reads(m.mnt / "f"), "the lower ACL grants nobody read"
+        subprocess.run(["setfacl", "-m", "u:nobody:-", str(m.mnt / "f")], check=True)
+        assert not nobody_reads(m.mnt / "f"), "the changed ACL must deny it"
+        acl = subprocess.run(["getfacl", "-c", str(tmp_path / "upper" / "f")], check=True,
+                             capture_output=True, text=True).stdout
+        assert "user:nobody:---" in acl, acl
+        os.mkdir(m.mnt / "dd")
+        subprocess.run(["setfacl", "-d", "-m", "u:nobody:rwx", str(m.mnt / "dd")], check=True)
+        (m.mnt / "dd" / "new").write_text("n")
+        acl = subprocess.run(["getfacl", "-c", str(m.mnt / "dd" / "new")], check=True,
+                             capture_output=True, text=True).stdout
+        assert "user:nobody:rwx" in acl, acl
+    finally:
+        m.unmount()
+    m.assert_log_clean()
+
+
+def test_no_dev_fuse_is_one_clear_error(tmp_path: Path) -> None:
+    lower = build(tmp_path / "lower", {"f": "x"})
+    (tmp_path / "mnt").mkdir()
+    # A private mount namespace whose /dev has no fuse device.
+    script = (
+        "mount --make-rprivate / && mount -t tmpfs none /dev && "
+        f"exec {' '.join(UNIONMOUNT)} {lower} {tmp_path / 'mnt'}"
+    )
+    r = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True,
+                       text=True, timeout=60, check=False, stdin=subprocess.DEVNULL)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("unionmount: "), r.stderr
+    assert "/dev/fuse" in lines[0]
+    assert not os.path.ismount(tmp_path / "mnt")
