@@ -19,12 +19,11 @@ from pathlib import Path
 
 import pyfuse3
 import pytest
+from mounts import UNIONMOUNT, File, build, mount_unionfs
 
 from unionfs.layers import open_layer
 from unionfs.ops import UnionOperations
 from unionfs.union import Union
-
-from mounts import UNIONMOUNT, File, build, mount_unionfs
 
 pytestmark = pytest.mark.usefixtures("mount_guard")
 
@@ -47,9 +46,8 @@ async def test_unexpected_error_is_logged_and_answered_eio(
 
     monkeypatch.setattr(ops.union, "stat", broken)
     ops.union.table[entry.st_ino].touched()
-    with caplog.at_level(logging.ERROR):
-        with pytest.raises(pyfuse3.FUSEError) as raised:
-            await ops.getattr(entry.st_ino, _Ctx())
+    with caplog.at_level(logging.ERROR), pytest.raises(pyfuse3.FUSEError) as raised:
+        await ops.getattr(entry.st_ino, _Ctx())
     assert raised.value.errno == errno.EIO
     assert "a bug" in caplog.text and "Traceback" in caplog.text
     # An OSError keeps its errno and is no error of the daemon's.
@@ -66,8 +64,7 @@ def test_large_copy_up_does_not_stall_other_requests(tmp_path: Path) -> None:
     with open(big, "wb") as f:
         f.truncate(0)
         block = os.urandom(1 << 20)
-        for _ in range(768):
-            f.write(block)
+        f.writelines(block for _ in range(768))
     m = mount_unionfs([tmp_path / "lower"], tmp_path / "upper", tmp_path / "work",
                       tmp_path / "mnt", tmp_path / "mnt.log")
     try:
