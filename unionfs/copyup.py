@@ -46,15 +46,46 @@ def temp_name() -> bytes:
 
 
 def copy_data(src_fd: int, dst_fd: int, size: int, fsync: bool = True) -> None:
-    """Copy *size* bytes from the start of *src_fd* to *dst_fd*, then fsync *dst_fd*
-    (unless *fsync* is False: ``-o fsync=0``, ``volatile``).
+    """Copy the first *size* bytes of *src_fd* to the same offsets of *dst_fd*, keeping
+    holes (only the data extents are copied, found with SEEK_DATA/SEEK_HOLE, as the
+    kernel does), then fsync *dst_fd* (unless *fsync* is False: ``-o fsync=0``).
 
     Blocking: run it in a worker thread for large files.
     """
+    for start, end in _data_extents(src_fd, size):
+        _copy_range(src_fd, dst_fd, start, end)
+    if os.fstat(dst_fd).st_size < size:
+        os.ftruncate(dst_fd, size)  # a trailing hole
+    if fsync:
+        os.fsync(dst_fd)
+
+
+def _data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """The [start, end) ranges of *fd* below *size* that hold data (all of it where the
+    filesystem cannot tell holes)."""
     offset = 0
-    method = "copy_file_range"
     while offset < size:
-        count = min(_CHUNK, size - offset)
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+            end = min(size, os.lseek(fd, start, os.SEEK_HOLE))
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                return  # only a hole is left
+            if exc.errno != errno.EINVAL:
+                raise
+            start, end = offset, size  # no SEEK_DATA here
+        if start >= size:
+            return
+        yield start, end
+        offset = end
+
+
+def _copy_range(src_fd: int, dst_fd: int, offset: int, end: int) -> None:
+    """Copy bytes [offset, end) in the kernel: copy_file_range (a clone where the
+    filesystem can), else sendfile, else read/write."""
+    method = "copy_file_range"
+    while offset < end:
+        count = min(_CHUNK, end - offset)
         try:
             if method == "copy_file_range":
                 done = os.copy_file_range(src_fd, dst_fd, count, offset, offset)
@@ -70,10 +101,8 @@ def copy_data(src_fd: int, dst_fd: int, size: int, fsync: bool = True) -> None:
                 continue
             raise
         if done == 0:
-            break  # the source is shorter than its stat said
+            return  # the source is shorter than its stat said
         offset += done
-    if fsync:
-        os.fsync(dst_fd)
 
 
 def copy_xattrs(src: int | bytes, dst: int | bytes) -> None:

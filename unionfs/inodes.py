@@ -115,7 +115,9 @@ class InodeTable:
         number = self._copied.get(key)
         if number is None:
             dev, ino = key
-            ordinal = self._devs.setdefault(dev, len(self._devs))
+            ordinal = self._devs.get(dev)
+            if ordinal is None:
+                ordinal = self._devs[dev] = len(self._devs)
             number = ino if ordinal == 0 else (ordinal << 56) ^ ino
         if number <= ROOT_INODE or number in self.nodes:
             self._fresh += 1

@@ -87,14 +87,16 @@ class UnionOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ESTALE)
         return node
 
-    def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+    def _attrs(self, node: Node, st: os.stat_result | None = None) -> pyfuse3.EntryAttributes:
         """*node*'s attributes for a reply: cached until the node is `touched`
-        (pyfuse3 copies them into each reply, so one object serves many)."""
+        (pyfuse3 copies them into each reply, so one object serves many). *st* is the
+        layer's stat of its entry when the caller has it."""
         cached = node.reply_attrs
         if cached is not None:
             assert isinstance(cached, pyfuse3.EntryAttributes)
             return cached
-        st = self.union.stat(node)
+        if st is None:
+            st = self.union.stat(node)
         entry = pyfuse3.EntryAttributes()
         entry.st_ino = node.inode
         entry.generation = 0
@@ -311,11 +313,12 @@ class UnionOperations(pyfuse3.Operations):
             position += 1
         for index in range(position - 2, len(handle.entries)):
             entry = handle.entries[index]
-            child = self.union.child_for_listing(node, entry)
-            if child is None:
+            listed = self.union.child_for_listing(node, entry)
+            if listed is None:
                 continue
+            child, st = listed
             try:
-                attrs = self._attrs(child)
+                attrs = self._attrs(child, st)
             except FileNotFoundError:
                 continue
             if not pyfuse3.readdir_reply(token, entry.name, attrs, index + 3):

@@ -174,7 +174,8 @@ class Union:
         if parent.listing is not None or len(parent.dir_layers) >= LISTING_LOOKUP_LAYERS:
             # The merged listing answers without a search through every layer.
             entry = self.listing(parent).get(name)
-            return None if entry is None else self.child_for_listing(parent, entry)
+            listed = None if entry is None else self.child_for_listing(parent, entry)
+            return None if listed is None else listed[0]
         found = find_entry(parent.dir_layers, self._fd_of(parent), name)
         if found is None:
             return None
@@ -198,19 +199,24 @@ class Union:
         self.table.link(node, parent, name)
         return node
 
-    def child_for_listing(self, parent: Node, entry: ListedEntry) -> Node | None:
+    def child_for_listing(self, parent: Node, entry: ListedEntry
+                          ) -> tuple[Node, os.stat_result | None] | None:
         """The node of a listed entry (readdirplus), found without searching every layer
-        again for non-directories."""
+        again for non-directories; with the layer's stat when the node is new (its
+        attributes are that stat)."""
         child = parent.children.get(entry.name)
         if child is not None:
-            return child
+            return child, None
         if entry.is_dir:
             found = find_entry(parent.dir_layers, self._fd_of(parent), entry.name)
-            return None if found is None else self._node_for(parent, entry.name, found)
-        st = lstat_at(self.dir_fd(parent, entry.layer), entry.name)
-        if st is None:
+        else:
+            st = lstat_at(self.dir_fd(parent, entry.layer), entry.name)
+            found = None if st is None else Found(entry.layer, st, ())
+        if found is None:
             return None
-        return self._node_for(parent, entry.name, Found(entry.layer, st, ()))
+        node = self._node_for(parent, entry.name, found)
+        fresh = node.layer is found.layer and node.data_layer is None and node.name == entry.name
+        return node, (found.st if fresh and node.parent is parent else None)
 
     def listing(self, node: Node) -> dict[bytes, ListedEntry]:
         """The merged entries of directory *node*, cached until a change in it."""
