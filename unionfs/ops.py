@@ -76,8 +76,7 @@ class UnionOperations(pyfuse3.Operations):
 
     def _caller(self, ctx: pyfuse3.RequestContext) -> Caller:
         """The caller, with ids as stored on disk."""
-        return Caller(uid=self.uid_map.to_disk(ctx.uid), gid=self.gid_map.to_disk(ctx.gid),
-                      umask=ctx.umask)
+        return Caller(uid=self.uid_map.to_disk(ctx.uid), gid=self.gid_map.to_disk(ctx.gid))
 
     # ------------------------------------------------------------ helpers
 

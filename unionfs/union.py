@@ -77,7 +77,6 @@ class Caller:
 
     uid: int
     gid: int
-    umask: int
 
 
 @dataclass(frozen=True)
@@ -509,21 +508,24 @@ class Union:
         if existing is None and not marker:
             build(parent_fd, name)
             return
-        tmp = copyup.temp_name()
-        build(self.work_fd, tmp)
+        # Built in the workdir; beside its name when the parent has a default ACL, for
+        # the entry to inherit it (under a marker name: never visible, never creatable).
+        build_fd = parent_fd if _has_default_acl(parent_fd) else self.work_fd
+        tmp = (whiteout.WH_PREFIX if build_fd == parent_fd else b"") + copyup.temp_name()
+        build(build_fd, tmp)
         try:
             if is_dir:
-                fd = open_dir_at(self.work_fd, tmp)
+                fd = open_dir_at(build_fd, tmp)
                 try:
                     whiteout.set_opaque(fd)
                 finally:
                     os.close(fd)
             if existing is not None and is_dir:
-                renameat2(self.work_fd, tmp, parent_fd, name, RENAME_EXCHANGE)
+                renameat2(build_fd, tmp, parent_fd, name, RENAME_EXCHANGE)
             else:
-                os.rename(tmp, name, src_dir_fd=self.work_fd, dst_dir_fd=parent_fd)
+                os.rename(tmp, name, src_dir_fd=build_fd, dst_dir_fd=parent_fd)
         finally:
-            copyup.discard(self.work_fd, tmp)
+            copyup.discard(build_fd, tmp)
         if marker:
             os.unlink(whiteout.oci_whiteout_name(name), dir_fd=parent_fd)
 
@@ -541,11 +543,12 @@ class Union:
         await self._prepare_create(parent, name)
         uid, gid, _ = self._owner(parent, caller)
         access = flags & os.O_ACCMODE
+        perm = stat.S_IMODE(mode)  # the kernel applied the umask
         opened: list[int] = []
 
         def build(dir_fd: int, entry: bytes) -> None:
-            fd = os.open(entry, os.O_CREAT | os.O_EXCL | access | os.O_CLOEXEC,
-                         stat.S_IMODE(mode) & ~caller.umask, dir_fd=dir_fd)
+            fd = os.open(entry, os.O_CREAT | os.O_EXCL | access | os.O_CLOEXEC, perm,
+                         dir_fd=dir_fd)
             opened.append(fd)
             os.fchown(fd, uid, gid)
 
@@ -560,12 +563,16 @@ class Union:
     async def mkdir(self, parent: Node, name: bytes, mode: int, caller: Caller) -> Node:
         await self._prepare_create(parent, name)
         uid, gid, setgid = self._owner(parent, caller)
-        perm = stat.S_IMODE(mode) & ~caller.umask | (stat.S_ISGID if setgid else 0)
+        perm = stat.S_IMODE(mode)  # the kernel applied the umask
 
         def build(dir_fd: int, entry: bytes) -> None:
-            os.mkdir(entry, 0o700, dir_fd=dir_fd)
+            # Created with its mode (a default ACL of the parent needs it to compute the
+            # new ACL), then given its owner; chown clears no bit of a directory.
+            os.mkdir(entry, perm, dir_fd=dir_fd)
             os.chown(entry, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
-            os.chmod(entry, perm, dir_fd=dir_fd, follow_symlinks=False)
+            if setgid or stat.S_IMODE(os.stat(entry, dir_fd=dir_fd).st_mode) != perm:
+                os.chmod(entry, perm | (stat.S_ISGID if setgid else 0), dir_fd=dir_fd,
+                         follow_symlinks=False)
 
         self._place(parent, name, build, is_dir=True)
         return self._new_node(parent, name)
@@ -576,12 +583,11 @@ class Union:
             raise _err(errno.EPERM, name)  # a whiteout cannot be made through the union
         await self._prepare_create(parent, name)
         uid, gid, _ = self._owner(parent, caller)
-        perm = stat.S_IMODE(mode) & ~caller.umask
+        perm = stat.S_IMODE(mode)  # the kernel applied the umask
 
         def build(dir_fd: int, entry: bytes) -> None:
-            os.mknod(entry, stat.S_IFMT(mode) | 0o600, rdev, dir_fd=dir_fd)
+            os.mknod(entry, stat.S_IFMT(mode) | perm, rdev, dir_fd=dir_fd)
             os.chown(entry, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
-            os.chmod(entry, perm, dir_fd=dir_fd, follow_symlinks=False)
 
         self._place(parent, name, build, is_dir=False)
         return self._new_node(parent, name)
@@ -974,3 +980,13 @@ def scan_multi_linked(root_fd: int) -> dict[int, list[tuple[bytes, ...]]]:
         finally:
             os.close(fd)
     return result
+
+
+def _has_default_acl(dir_fd: int) -> bool:
+    try:
+        os.getxattr(dir_fd, "system.posix_acl_default")
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+            return False
+        raise
+    return True
