@@ -95,6 +95,12 @@ def serve(config: MountConfig, ready: Callable[[str | None], None]) -> int:
 
     try:
         trio.run(run)
+    except ConnectionAbortedError:
+        # The kernel ended the connection (an abort through /sys/fs/fuse/connections,
+        # or a forced unmount): nothing is left to serve.
+        log.warning("the FUSE connection to %s was aborted", config.mountpoint)
+        pyfuse3.close(unmount=False)
+        return 0
     except BaseException:
         log.exception("the FUSE main loop failed")
         pyfuse3.close(unmount=True)
