@@ -87,15 +87,11 @@ def validate(config: MountConfig) -> MountConfig:
             raise ConfigError(f"layer {layer}: the same directory as layer {seen[key]}")
         seen[key] = layer
 
-    mnt_st = _check_mountpoint(config.mountpoint)
+    _check_mountpoint(config.mountpoint)
     mnt = _real(config.mountpoint)
     lowers = [_real(layer) for layer in config.lowers]
     for layer, real in zip(config.lowers, lowers):
-        if _inside(real, mnt):
-            raise ConfigError(f"layer {layer}: inside the mountpoint {config.mountpoint}")
-        if _inside(mnt, real):
-            raise ConfigError(f"mountpoint {config.mountpoint}: inside layer {layer}")
-    del mnt_st
+        _check_apart(f"layer {layer}", real, f"the mountpoint {config.mountpoint}", mnt)
 
     if config.upper is None:
         if config.workdir is not None:
@@ -107,23 +103,23 @@ def validate(config: MountConfig) -> MountConfig:
     if not os.access(config.upper, os.W_OK):
         raise ConfigError(f"upper {config.upper}: not writable")
     for layer, real in zip(config.lowers, lowers):
-        if upper == real:
-            raise ConfigError(f"upper {config.upper}: the same directory as layer {layer}")
-        if _inside(upper, real):
-            raise ConfigError(f"upper {config.upper}: inside layer {layer}")
-        if _inside(real, upper):
-            raise ConfigError(f"upper {config.upper}: contains layer {layer}")
-    if upper == mnt:
-        raise ConfigError(f"upper {config.upper}: the same directory as the mountpoint")
-    if _inside(upper, mnt):
-        raise ConfigError(f"upper {config.upper}: inside the mountpoint {config.mountpoint}")
-    if _inside(mnt, upper):
-        raise ConfigError(f"upper {config.upper}: contains the mountpoint {config.mountpoint}")
+        _check_apart(f"upper {config.upper}", upper, f"layer {layer}", real)
+    _check_apart(f"upper {config.upper}", upper, f"the mountpoint {config.mountpoint}", mnt)
 
     workdir = config.workdir or default_workdir(config.upper)
     _check_workdir(workdir, upper, upper_st, lowers, mnt)
     _probe_upper(config.upper)
     return dataclasses.replace(config, workdir=workdir)
+
+
+def _check_apart(what: str, real: str, other: str, other_real: str) -> None:
+    """Fail when *what* (at the real path *real*) is, is inside or contains *other*."""
+    if real == other_real:
+        raise ConfigError(f"{what}: the same directory as {other}")
+    if _inside(real, other_real):
+        raise ConfigError(f"{what}: inside {other}")
+    if _inside(other_real, real):
+        raise ConfigError(f"{what}: contains {other}")
 
 
 def _check_mountpoint(path: str) -> os.stat_result:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -193,3 +194,20 @@ def test_podman_info_reports_the_mount_program(stores: Stores) -> None:
     assert opts["Executable"] == str(stores.program.path), opts
     version = run([stores.program.path, "--version"], timeout=30).stdout.strip()
     assert version and opts["Version"] == version, (opts, version)
+
+
+def test_unionmount_diff_prints_what_podman_diff_prints(
+    stores: Stores, changed: dict[str, str]
+) -> None:
+    """`unionmount diff` on the container's own layer directories, without mounting."""
+    st = stores.union
+    data = st.podman("inspect", "--format", "{{json .GraphDriver.Data}}", changed["name"]).stdout
+    layers = json.loads(data)
+    podman_lines = sorted(st.podman("diff", changed["name"]).stdout.splitlines())
+    ours = run(
+        [sys.executable, "-m", "unionfs", "diff", layers["LowerDir"], "--upper", layers["UpperDir"]],
+        timeout=120,
+    )
+    assert sorted(ours.stdout.splitlines()) == podman_lines, (
+        f"unionmount diff:\n{ours.stdout}\npodman diff:\n{chr(10).join(podman_lines)}"
+    )

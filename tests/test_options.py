@@ -1,0 +1,127 @@
+"""The fuse-overlayfs-compatible interface: what container runtimes pass in -o.
+
+Parsing is checked without mounting; the id mappings and the read-only
+lowerdir-only form are checked on real mounts.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from mounts import File, build, is_mounted, server_pids, unionmount, wait_until
+
+from unionfs.cli import parse_config, split_options
+from unionfs.config import ConfigError
+from unionfs.idmap import IdMap, IdRange, parse_ranges
+
+pytestmark = pytest.mark.usefixtures("mount_guard")
+
+
+def test_split_options_keeps_quoted_commas_and_drops_empty_items() -> None:
+    assert split_options('a=1,,context="x,y",b') == ["a=1", 'context="x,y"', "b"]
+
+
+def test_runtime_options_are_understood() -> None:
+    config, _ = parse_config([
+        "-o", "lowerdir=/l1:/l2,,upperdir=/u,workdir=/w,volatile,context=\"a,b\","
+              "xattr_permissions=2", "/mnt"])
+    assert config.lowers == ("/l1", "/l2")
+    assert (config.upper, config.workdir, config.mountpoint) == ("/u", "/w", "/mnt")
+    assert config.fsync is False
+    config, _ = parse_config(["overlay", "/mnt", "-o", "lowerdir=/l1,fsync=0,metacopy=off"])
+    assert config.upper is None and config.lowers == ("/l1",) and config.mountpoint == "/mnt"
+    assert config.fsync is False and config.metacopy is False
+
+
+def test_unknown_option_is_a_warning(capsys: pytest.CaptureFixture[str]) -> None:
+    config, _ = parse_config(["-o", "lowerdir=/l,frobnicate=3", "/mnt"])
+    assert config.lowers == ("/l",)
+    assert "unknown option 'frobnicate=3'" in capsys.readouterr().err
+
+
+def test_id_mapping_options() -> None:
+    assert parse_ranges(":0:1000:1:1:110000:65536") == (
+        IdRange(0, 1000, 1), IdRange(1, 110000, 65536))
+    config, _ = parse_config(["-o", "lowerdir=/l,uidmapping=0:1000:1:1:110000:65536,"
+                              "gidmapping=0:2000:10,squash_to_gid=7", "/mnt"])
+    assert config.uid_map.to_mount(0) == 1000 and config.uid_map.to_mount(5) == 110004
+    assert config.uid_map.to_mount(70000) == 65534  # unmapped: the overflow id
+    assert config.uid_map.to_disk(110004) == 5
+    assert config.gid_map.to_mount(3) == 7  # squashed
+    config, _ = parse_config(["-o", "lowerdir=/l,squash_to_root", "/mnt"])
+    assert config.uid_map == IdMap((), 0) and config.gid_map == IdMap((), 0)
+    for bad in ("uidmapping=0:1", "uidmapping=a:b:c", "uidmapping=0:1:0", "squash_to_uid=x"):
+        with pytest.raises(ConfigError):
+            parse_config(["-o", f"lowerdir=/l,{bad}", "/mnt"])
+
+
+def test_bad_mapping_is_one_line_and_nothing_mounted(tmp_path: Path) -> None:
+    lower = build(tmp_path / "l", {"f": "x"})
+    (tmp_path / "mnt").mkdir()
+    r = unionmount("-o", f"lowerdir={lower},uidmapping=0:1", tmp_path / "mnt")
+    assert r.returncode != 0
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("unionmount: "), r.stderr
+    assert not is_mounted(tmp_path / "mnt")
+
+
+def _mount(tmp_path: Path, opts: str) -> Path:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir(exist_ok=True)
+    r = unionmount("-o", opts, "--log", tmp_path / "log", mnt)
+    assert r.returncode == 0, r.stderr
+    assert is_mounted(mnt)
+    return mnt
+
+
+def _unmount(mnt: Path) -> None:
+    pids = server_pids(mnt)
+    subprocess.run(["fusermount3", "-u", str(mnt)], check=True, timeout=30)
+    assert wait_until(lambda: not any(os.path.exists(f"/proc/{p}") for p in pids), 10)
+
+
+def test_uid_and_gid_mapping_on_a_mount(tmp_path: Path) -> None:
+    lower = build(tmp_path / "l", {
+        "root-owned": File(b"a", uid=0, gid=0),
+        "one": File(b"b", uid=1, gid=1),
+        "far": File(b"c", uid=70000, gid=70000),
+    })
+    upper, work = tmp_path / "u", tmp_path / "w"
+    upper.mkdir()
+    mnt = _mount(tmp_path, f"lowerdir={lower},upperdir={upper},workdir={work},"
+                           "uidmapping=:0:1000:1:1:110000:65536,gidmapping=0:1000:1:1:110000:65536")
+    try:
+        owners = {n: (os.lstat(mnt / n).st_uid, os.lstat(mnt / n).st_gid)
+                  for n in ("root-owned", "one", "far")}
+        assert owners == {"root-owned": (1000, 1000), "one": (110000, 110000),
+                          "far": (65534, 65534)}
+        assert (os.lstat(mnt).st_uid, os.lstat(mnt).st_gid) == (1000, 1000)
+        # What the mount is told is stored as the layers' own ids.
+        os.chown(mnt / "one", 110005, 1000)
+        assert (os.lstat(mnt / "one").st_uid, os.lstat(mnt / "one").st_gid) == (110005, 1000)
+        assert (os.lstat(upper / "one").st_uid, os.lstat(upper / "one").st_gid) == (6, 0)
+        # A new file belongs to its creator, root here: mapped, 0 on disk is shown as 1000.
+        (mnt / "new").write_text("n")
+        assert os.lstat(upper / "new").st_uid == 0
+        assert os.lstat(mnt / "new").st_uid == 1000
+    finally:
+        _unmount(mnt)
+
+
+def test_lowerdir_alone_is_read_only_with_one_layer(tmp_path: Path) -> None:
+    lower = build(tmp_path / "l", {"f": "x", "d/g": "y"})
+    link = tmp_path / "link-to-l"
+    link.symlink_to(lower)  # runtimes pass l/ID -> ../ID/diff symlinks
+    mnt = _mount(tmp_path, f"lowerdir={link}")
+    try:
+        assert (mnt / "d" / "g").read_text() == "y"
+        for action in (lambda: (mnt / "new").write_text("n"), lambda: os.unlink(mnt / "f"),
+                       lambda: os.chmod(mnt / "f", 0o600), lambda: os.mkdir(mnt / "x")):
+            with pytest.raises(OSError) as raised:
+                action()
+            assert raised.value.errno == 30  # EROFS
+        assert sorted(os.listdir(lower)) == ["d", "f"]
+    finally:
+        _unmount(mnt)
