@@ -26,8 +26,8 @@ def test_split_options_keeps_quoted_commas_and_drops_empty_items() -> None:
 
 def test_runtime_options_are_understood() -> None:
     config, _ = parse_config([
-        "-o", "lowerdir=/l1:/l2,,upperdir=/u,workdir=/w,volatile,context=\"a,b\","
-              "xattr_permissions=2", "/mnt"])
+        "-o", ("lowerdir=/l1:/l2,,upperdir=/u,workdir=/w,volatile,context=\"a,b\","
+              "xattr_permissions=2"), "/mnt"])
     assert config.lowers == ("/l1", "/l2")
     assert (config.upper, config.workdir, config.mountpoint) == ("/u", "/w", "/mnt")
     assert config.fsync is False
@@ -45,8 +45,8 @@ def test_unknown_option_is_a_warning(capsys: pytest.CaptureFixture[str]) -> None
 def test_id_mapping_options() -> None:
     assert parse_ranges(":0:1000:1:1:110000:65536") == (
         IdRange(0, 1000, 1), IdRange(1, 110000, 65536))
-    config, _ = parse_config(["-o", "lowerdir=/l,uidmapping=0:1000:1:1:110000:65536,"
-                              "gidmapping=0:2000:10,squash_to_gid=7", "/mnt"])
+    config, _ = parse_config(["-o", ("lowerdir=/l,uidmapping=0:1000:1:1:110000:65536,"
+                              "gidmapping=0:2000:10,squash_to_gid=7"), "/mnt"])
     assert config.uid_map.to_mount(0) == 1000 and config.uid_map.to_mount(5) == 110004
     assert config.uid_map.to_mount(70000) == 65534  # unmapped: the overflow id
     assert config.uid_map.to_disk(110004) == 5
