@@ -223,11 +223,19 @@ class Union:
             node.listing = merged_listing(node.dir_layers, self._fd_of(node))
         return node.listing
 
-    @staticmethod
-    def _changed(directory: Node) -> None:
-        """An entry of *directory* came, went or moved layer."""
-        directory.listing = None
+    def _changed(self, directory: Node, name: bytes, is_dir: bool | None) -> None:
+        """*name* in *directory* is now an upper entry (a directory or not), or gone
+        (*is_dir* None). A cached listing is updated in place, not rebuilt: creating
+        many files in a merged directory must not list every layer each time."""
         directory.touched()
+        listing = directory.listing
+        if listing is None:
+            return
+        if is_dir is None:
+            listing.pop(name, None)
+        else:
+            assert self.upper is not None
+            listing[name] = ListedEntry(name, self.upper, is_dir)
 
     # ---------------------------------------------------------------- attributes
 
@@ -355,7 +363,7 @@ class Union:
         node.layer = upper
         node.dir_layers = (upper, *node.dir_layers)
         node.touched()
-        self._changed(node.parent)
+        self._changed(node.parent, node.name, True)
         self.table.remember_copy(node, key_of(os.fstat(self.dir_fd(node, upper))))
 
     async def _copy_up_file(self, node: Node, upper: Layer, data: Data) -> None:
@@ -400,7 +408,7 @@ class Union:
         if metadata_only:
             node.data_layer = src_layer
         node.touched()
-        self._changed(node.parent)
+        self._changed(node.parent, node.name, False)
         fd, name = self.location(node)
         new = os.stat(name, dir_fd=fd, follow_symlinks=False)
         self.table.remember_copy(node, key_of(new))
@@ -428,8 +436,7 @@ class Union:
             with copyup.times_kept(parent_fd):
                 os.link(src_name, path[-1], src_dir_fd=src_dir, dst_dir_fd=parent_fd,
                         follow_symlinks=False)
-            self._changed(parent)
-            parent.children.pop(path[-1], None)
+            self._changed(parent, path[-1], False)
 
     def relpath(self, node: Node) -> tuple[bytes, ...]:
         parts = []
@@ -529,8 +536,8 @@ class Union:
         if marker:
             os.unlink(whiteout.oci_whiteout_name(name), dir_fd=parent_fd)
 
-    def _new_node(self, parent: Node, name: bytes) -> Node:
-        self._changed(parent)
+    def _new_node(self, parent: Node, name: bytes, is_dir: bool = False) -> Node:
+        self._changed(parent, name, is_dir)
         found = find_entry(parent.dir_layers, self._fd_of(parent), name)
         if found is None:
             raise _err(errno.EIO, name)
@@ -575,7 +582,7 @@ class Union:
                          follow_symlinks=False)
 
         self._place(parent, name, build, is_dir=True)
-        return self._new_node(parent, name)
+        return self._new_node(parent, name, is_dir=True)
 
     async def mknod(self, parent: Node, name: bytes, mode: int, rdev: int,
                     caller: Caller) -> Node:
@@ -619,7 +626,7 @@ class Union:
             self._place(parent, name, build, is_dir=False)
         finally:
             os.close(src)
-        self._changed(parent)
+        self._changed(parent, name, False)
         node.touched()
         self.table.link(node, parent, name)
         return node
@@ -676,7 +683,7 @@ class Union:
                 os.unlink(name, dir_fd=parent_fd)
         else:
             whiteout.make_whiteout(parent_fd, name)
-        self._changed(parent)
+        self._changed(parent, name, None)
         node.touched()
         self.table.unlink(parent, name)
         self._after_unlink(node, parent, name, nlink)
@@ -714,7 +721,7 @@ class Union:
             self._remove_upper(parent_fd, name, need_whiteout)
         else:
             whiteout.make_whiteout(parent_fd, name)
-        self._changed(parent)
+        self._changed(parent, name, None)
         self.table.unlink(parent, name)
         node.unlinked = True
         node.touched()
@@ -785,8 +792,8 @@ class Union:
             os.rename(old_name, new_name, src_dir_fd=old_fd, dst_dir_fd=new_fd)
         if whiteout.has_oci_whiteout(new_fd, new_name):
             os.unlink(whiteout.oci_whiteout_name(new_name), dir_fd=new_fd)
-        self._changed(old_parent)
-        self._changed(new_parent)
+        self._changed(old_parent, old_name, None)
+        self._changed(new_parent, new_name, src.is_dir)
         src.touched()
         if dst is not None:
             dst.touched()
