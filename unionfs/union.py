@@ -490,9 +490,10 @@ class Union:
         self.check_name(name)
         if self.lookup(parent, name) is not None:
             raise _err(errno.EEXIST, name)
-        await self.copy_up(parent)
-        if self.lookup(parent, name) is not None:  # created while we copied up
-            raise _err(errno.EEXIST, name)
+        if parent.layer is not self.upper:
+            await self.copy_up(parent)
+            if self.lookup(parent, name) is not None:  # created while we copied up
+                raise _err(errno.EEXIST, name)
         return self.upper_fd(parent)
 
     def _owner(self, parent: Node, caller: Caller) -> tuple[int, int, bool]:
@@ -537,12 +538,12 @@ class Union:
             os.unlink(whiteout.oci_whiteout_name(name), dir_fd=parent_fd)
 
     def _new_node(self, parent: Node, name: bytes, is_dir: bool = False) -> Node:
+        """The node of an entry just made in the upper. A new directory never merges with
+        a lower one: the name was free below, or hidden, or it was made opaque."""
+        upper = self._need_upper()
         self._changed(parent, name, is_dir)
-        found = find_entry(parent.dir_layers, self._fd_of(parent), name)
-        if found is None:
-            raise _err(errno.EIO, name)
-        node = self._node_for(parent, name, found)
-        return node
+        st = os.stat(name, dir_fd=self.upper_fd(parent), follow_symlinks=False)
+        return self._node_for(parent, name, Found(upper, st, (upper,) if is_dir else ()))
 
     async def create(self, parent: Node, name: bytes, mode: int, flags: int,
                      caller: Caller) -> tuple[Node, int]:
