@@ -21,6 +21,7 @@ import pyfuse3
 import pytest
 from mounts import UNIONMOUNT, File, build, mount_unionfs
 
+from unionfs import mount as mount_module
 from unionfs.layers import open_layer
 from unionfs.ops import UnionOperations
 from unionfs.union import Union
@@ -102,22 +103,26 @@ def test_large_copy_up_does_not_stall_other_requests(tmp_path: Path) -> None:
 _READER = """
 import os, sys
 root, names = sys.argv[1], sys.argv[2:]
-fds = [os.open(os.path.join(root, n), os.O_RDONLY) for n in names]
+# Half the files are only stat'ed, half only read: a read marks the kernel's atime of
+# the file stale (also when a readahead completes later), and the next stat of that
+# file asks the daemon for it again; that is FUSE, not a cache miss of ours.
+stat_only, read_only = names[::2], names[1::2]
+for name in stat_only:
+    os.lstat(os.path.join(root, name))
+os.lstat(root)
+fds = [os.open(os.path.join(root, n), os.O_RDONLY) for n in read_only]
 for fd in fds:
     os.pread(fd, 100, 0)
-for name in names:
-    os.lstat(os.path.join(root, name))  # a read marks the atime stale: fetch it again
-os.lstat(root)
 # The first close() sends FLUSH; the daemon answers ENOSYS once and the kernel stops
 # sending it, so closing the fds below at exit reaches the daemon only with RELEASE,
 # which the kernel sends without waiting.
-os.close(os.open(os.path.join(root, names[0]), os.O_RDONLY))
+os.close(os.open(os.path.join(root, read_only[0]), os.O_RDONLY))
 print("ready", flush=True)
 sys.stdin.readline()
-for name in names:
+for name in stat_only:
     os.lstat(os.path.join(root, name))
 os.lstat(root)
-for name, fd in zip(names, fds):
+for name, fd in zip(read_only, fds):
     assert os.pread(fd, 100, 0) == name.encode()
 print("done", flush=True)
 """
@@ -207,3 +212,61 @@ def test_no_dev_fuse_is_one_clear_error(tmp_path: Path) -> None:
     assert len(lines) == 1 and lines[0].startswith("unionmount: "), r.stderr
     assert "/dev/fuse" in lines[0]
     assert not os.path.ismount(tmp_path / "mnt")
+
+
+def test_aborted_connection_ends_the_server_quietly(tmp_path: Path) -> None:
+    """An abort through /sys/fs/fuse/connections while requests wait (here: the daemon
+    is stopped and a stat hangs on it) ends the server, without a traceback."""
+    lower = build(tmp_path / "lower", {"f": "x"})
+    m = mount_unionfs([lower], None, None, tmp_path / "mnt", tmp_path / "mnt.log")
+    pids = m.pids
+    assert pids
+    waiting = None
+    try:
+        control = Path("/sys/fs/fuse/connections")
+        if not os.path.ismount(control):
+            subprocess.run(["mount", "-t", "fusectl", "fusectl", str(control)], check=True,
+                           timeout=30)
+        conn = os.minor(os.stat(m.mnt).st_dev)  # /sys/fs/fuse/connections/<minor>
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        waiting = subprocess.Popen([sys.executable, "-c",
+                                    f"import os; os.stat({str(m.mnt / 'f')!r})"])
+        time.sleep(0.3)  # the stat is now queued for the stopped daemon
+        (control / str(conn) / "abort").write_text("1")
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+        for pid in pids:
+            for _ in range(500):
+                if not os.path.exists(f"/proc/{pid}") or _zombie(pid):
+                    break
+                time.sleep(0.01)
+            else:
+                raise AssertionError("the server outlived its aborted connection")
+    finally:
+        for pid in pids:
+            if os.path.exists(f"/proc/{pid}"):
+                os.kill(pid, signal.SIGCONT)
+        if waiting is not None:
+            waiting.wait(30)
+        m.unmount()
+    m.assert_log_clean()
+
+
+def test_an_aborted_connection_is_recognised_inside_exception_groups() -> None:
+    """pyfuse3 may raise ConnectionAbortedError from its worker tasks: trio wraps it in
+    exception groups, which must still count as an abort, and nothing else may."""
+    aborted = ConnectionAbortedError(103, "fuse_session_receive_buf failed")
+    nested = BaseExceptionGroup("outer", [ExceptionGroup("inner", [aborted])])
+    assert mount_module._only(nested, ConnectionAbortedError)
+    assert mount_module._only(aborted, ConnectionAbortedError)
+    mixed = ExceptionGroup("outer", [aborted, RuntimeError("a bug")])
+    assert not mount_module._only(mixed, ConnectionAbortedError)
+    assert not mount_module._only(RuntimeError("a bug"), ConnectionAbortedError)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
+    except OSError:
+        return True

@@ -95,19 +95,26 @@ def serve(config: MountConfig, ready: Callable[[str | None], None]) -> int:
 
     try:
         trio.run(run)
-    except ConnectionAbortedError:
-        # The kernel ended the connection (an abort through /sys/fs/fuse/connections,
-        # or a forced unmount): nothing is left to serve.
-        log.warning("the FUSE connection to %s was aborted", config.mountpoint)
-        pyfuse3.close(unmount=False)
-        return 0
-    except BaseException:
+    except BaseException as exc:
+        if _only(exc, ConnectionAbortedError):
+            # The kernel ended the connection (an abort through /sys/fs/fuse/connections,
+            # or a forced unmount): nothing is left to serve.
+            log.warning("the FUSE connection to %s was aborted", config.mountpoint)
+            pyfuse3.close(unmount=False)
+            return 0
         log.exception("the FUSE main loop failed")
         pyfuse3.close(unmount=True)
         return 1
     pyfuse3.close(unmount=terminated)
     log.info("unmounted %s", config.mountpoint)
     return 0
+
+
+def _only(exc: BaseException, kind: type[BaseException]) -> bool:
+    """True when *exc* is *kind*, or a (trio nursery) exception group of nothing else."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only(inner, kind) for inner in exc.exceptions)
+    return isinstance(exc, kind)
 
 
 def daemonize(config: MountConfig, setup_logging: Callable[[], None]) -> int:
