@@ -18,7 +18,6 @@ so a name that a listing does not show is never found by lookup either.
 from __future__ import annotations
 
 import collections
-import errno
 import os
 import stat
 from collections.abc import Callable, Iterator, Sequence
@@ -266,12 +265,3 @@ class DirFdCache:
             fd = self._fds.pop((inode, index), None)
             if fd is not None:
                 os.close(fd)
-
-    def clear(self) -> None:
-        while self._fds:
-            _, fd = self._fds.popitem()
-            os.close(fd)
-
-
-def is_enoent(exc: OSError) -> bool:
-    return exc.errno in (errno.ENOENT, errno.ENOTDIR)
