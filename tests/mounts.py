@@ -240,6 +240,19 @@ def force_unmount(mnt: str) -> None:
 # Mounting
 
 
+def tool(*args: object, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    """Run ``python -m unionfs ARGS`` (bytes in, bytes out)."""
+    argv = [sys.executable, "-m", "unionfs",
+            *(a if isinstance(a, bytes) else os.fspath(a) if isinstance(a, Path) else str(a)
+              for a in args)]
+    return subprocess.run(argv, input=stdin, capture_output=True, timeout=300, check=False)
+
+
+def ok(r: subprocess.CompletedProcess[bytes]) -> bytes:
+    assert r.returncode == 0, f"exit {r.returncode}: {r.stderr.decode(errors='replace')}"
+    return r.stdout
+
+
 def unionmount(*args: object, timeout: float = MOUNT_TIMEOUT, **kw) -> subprocess.CompletedProcess:
     """Run ``python -m unionfs ARGS`` to completion, capturing its output as text."""
     kw.setdefault("capture_output", True)

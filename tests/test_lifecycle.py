@@ -130,20 +130,18 @@ def test_signal_unmounts_background_server(tmp_path, layers, sig):
     m.assert_log_clean()
 
 
+def _foreground_args(tmp_path, layers, mnt, flag: str) -> list[str]:
+    """The command line of a server that stays in the foreground (-f/--foreground)."""
+    lowers = ":".join(map(str, layers))
+    return [*UNIONMOUNT, lowers, "--upper", str(tmp_path / "upper"),
+            "--workdir", str(tmp_path / "work"), flag, str(mnt)]
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_foreground_exits_0(tmp_path, layers, sig):
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    args = [
-        *UNIONMOUNT,
-        ":".join(map(str, layers)),
-        "--upper",
-        str(tmp_path / "upper"),
-        "--workdir",
-        str(tmp_path / "work"),
-        "-f",
-        str(mnt),
-    ]
+    args = _foreground_args(tmp_path, layers, mnt, "-f")
     p = subprocess.Popen(
         args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
@@ -168,16 +166,7 @@ def test_signal_foreground_exits_0(tmp_path, layers, sig):
 def test_foreground_stays_attached(tmp_path, layers):
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    args = [
-        *UNIONMOUNT,
-        ":".join(map(str, layers)),
-        "--upper",
-        str(tmp_path / "upper"),
-        "--workdir",
-        str(tmp_path / "work"),
-        "--foreground",
-        str(mnt),
-    ]
+    args = _foreground_args(tmp_path, layers, mnt, "--foreground")
     p = subprocess.Popen(
         args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )

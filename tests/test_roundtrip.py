@@ -20,8 +20,6 @@ import os
 import shutil
 import stat
 import struct
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,7 +38,9 @@ from tests.mounts import (
     diff_trees,
     mount_kernel,
     mount_unionfs,
+    ok,
     snapshot,
+    tool,
 )
 from tests.test_tools import KNOWN_DIFF, known_diff_stack
 
@@ -49,19 +49,6 @@ T0 = 1_600_000_000_000_000_000  # lower mtimes, in ns
 CAPABILITY = struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)
 CAFE = b"caf\xe9"  # a name that is not UTF-8
 LONG = "deep/" + "d" * 80 + "/" + "e" * 80 + "/a-file-whose-path-needs-a-pax-record"
-
-
-def tool(*args: object, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    """Run ``python -m unionfs ARGS`` (bytes in, bytes out)."""
-    argv = [sys.executable, "-m", "unionfs",
-            *(a if isinstance(a, bytes) else os.fspath(a) if isinstance(a, Path) else str(a)
-              for a in args)]
-    return subprocess.run(argv, input=stdin, capture_output=True, timeout=300, check=False)
-
-
-def ok(r: subprocess.CompletedProcess[bytes]) -> bytes:
-    assert r.returncode == 0, f"exit {r.returncode}: {r.stderr.decode(errors='replace')}"
-    return r.stdout
 
 
 def _lowers(tmp: Path) -> list[Path]:

@@ -35,26 +35,15 @@ from tests.mounts import (
     Symlink,
     Xattr,
     build,
+    ok,
     snapshot,
+    tool,
 )
 from unionfs import ocilayer
 
 T0 = 1_600_000_000_000_000_000
 T1 = 1_700_000_000_500_000_000
 CAPABILITY = struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)
-
-
-def tool(*args: object, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    """Run ``python -m unionfs ARGS`` (bytes in, bytes out)."""
-    argv = [sys.executable, "-m", "unionfs",
-            *(a if isinstance(a, bytes) else os.fspath(a) if isinstance(a, Path) else str(a)
-              for a in args)]
-    return subprocess.run(argv, input=stdin, capture_output=True, timeout=300, check=False)
-
-
-def ok(r: subprocess.CompletedProcess[bytes]) -> bytes:
-    assert r.returncode == 0, f"exit {r.returncode}: {r.stderr.decode(errors='replace')}"
-    return r.stdout
 
 
 def one_error_line(r: subprocess.CompletedProcess[bytes], start: bytes) -> bytes:
