@@ -584,6 +584,45 @@ def test_rename_noreplace(union, base):
     assert (m / "g").exists() is False
 
 
+RENAME_EXCHANGE = 2
+
+
+def test_rename_exchange(union, base, tmp_path):
+    m = union(*base)
+    # Two lower files, from different layers and directories.
+    renameat2(m / "f", m / "d/y", RENAME_EXCHANGE)
+    assert (m / "f").read_text() == "y2"
+    assert (m / "d/y").read_text() == "lower f\n"
+    # An upper file and a lower file.
+    (m / "new").write_text("new")
+    renameat2(m / "new", m / "g", RENAME_EXCHANGE)
+    assert ((m / "new").read_text(), (m / "g").read_text()) == ("lower g\n", "new")
+    # An upper-only directory and a file.
+    os.mkdir(m / "ud")
+    (m / "ud/in").write_text("in")
+    renameat2(m / "ud", m / "new", RENAME_EXCHANGE)
+    assert (m / "new/in").read_text() == "in"
+    assert (m / "ud").read_text() == "lower g\n"
+    # An upper-only directory moved onto a name a lower directory holds: the lower
+    # directory's entries must not show through.
+    os.mkdir(m / "ud2")
+    (m / "ud2/mine").write_text("m")
+    shutil.rmtree(m / "e")  # the lower e/ with z is whited out ...
+    (m / "e").write_text("file")  # ... and a file takes its name
+    renameat2(m / "ud2", m / "e", RENAME_EXCHANGE)
+    assert sorted(os.listdir(m / "e")) == ["mine"]
+    assert (m / "ud2").read_text() == "file"
+    # What the upper says, for the next mount: the moved directory is opaque.
+    assert os.getxattr(m.upper / "e", "trusted.overlay.opaque") == b"y"
+    # A directory that exists in a lower layer cannot move; missing names are ENOENT.
+    assert_errno(errno.EXDEV, renameat2, m / "d", m / "f", RENAME_EXCHANGE)
+    assert_errno(errno.ENOENT, renameat2, m / "f", m / "nothing", RENAME_EXCHANGE)
+    assert_errno(errno.EINVAL, renameat2, m / "f", m / "g",
+                 RENAME_EXCHANGE | RENAME_NOREPLACE)
+    listing = sorted(os.listdir(m.mnt))
+    assert {"f", "g", "ud", "ud2", "new", "e"} <= set(listing), listing
+
+
 # ---------------------------------------------------------------------------
 # symlink, link, mknod
 

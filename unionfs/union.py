@@ -732,13 +732,19 @@ class Union:
     async def rename(self, old_parent: Node, old_name: bytes, new_parent: Node,
                      new_name: bytes, flags: int) -> None:
         self._need_upper()
-        if flags & RENAME_EXCHANGE or flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or (
+                flags & RENAME_NOREPLACE and flags & RENAME_EXCHANGE):
             raise _err(errno.EINVAL)
         self.check_name(new_name)
         src = self.lookup(old_parent, old_name)
         if src is None:
             raise _err(errno.ENOENT, old_name)
         dst = self.lookup(new_parent, new_name)
+        if flags & RENAME_EXCHANGE:
+            if dst is None:
+                raise _err(errno.ENOENT, new_name)
+            await self._exchange(src, old_parent, old_name, dst, new_parent, new_name)
+            return
         if dst is src:
             return  # two names of one file: rename(2) does nothing
         if dst is not None and flags & RENAME_NOREPLACE:
@@ -746,10 +752,7 @@ class Union:
         if src.is_dir:
             if dst is not None and not dst.is_dir:
                 raise _err(errno.ENOTDIR, new_name)
-            if not src.layer.writable or len(src.dir_layers) > 1:
-                # Like the kernel without redirect_dir: a directory that exists in a
-                # lower layer cannot be moved; mv(1) falls back to copying.
-                raise _err(errno.EXDEV, old_name)
+            self._check_movable(src, old_name)
         elif dst is not None and dst.is_dir:
             raise _err(errno.EISDIR, new_name)
         if dst is not None and dst.is_dir and self.listing(dst):
@@ -761,6 +764,42 @@ class Union:
         await self._name_in_upper(src, old_parent, old_name)
         await self.copy_up(new_parent)
         self._do_rename(src, old_parent, old_name, new_parent, new_name, dst)
+
+    @staticmethod
+    def _check_movable(node: Node, name: bytes) -> None:
+        if node.is_dir and (not node.layer.writable or len(node.dir_layers) > 1):
+            # Like the kernel without redirect_dir: a directory that exists in a lower
+            # layer cannot be moved; mv(1) falls back to copying.
+            raise _err(errno.EXDEV, name)
+
+    async def _exchange(self, a: Node, a_parent: Node, a_name: bytes,
+                        b: Node, b_parent: Node, b_name: bytes) -> None:
+        """RENAME_EXCHANGE: both names stay, so no whiteout is needed; both entries are
+        brought into the upper and swapped there in one renameat2."""
+        if a is b:
+            return
+        self._check_movable(a, a_name)
+        self._check_movable(b, b_name)
+        await self.settle(a)
+        await self.settle(b)
+        await self._name_in_upper(a, a_parent, a_name)
+        await self._name_in_upper(b, b_parent, b_name)
+        # No await from here on: the swap on disk and in the node tree is atomic.
+        for moved, parent, name in ((a, b_parent, b_name), (b, a_parent, a_name)):
+            if moved.is_dir and self.lower_has(parent, name):
+                whiteout.set_opaque(self.dir_fd(moved, moved.layer))  # see _do_rename
+        renameat2(self.upper_fd(a_parent), a_name, self.upper_fd(b_parent), b_name,
+                  RENAME_EXCHANGE)
+        self._changed(a_parent, a_name, b.is_dir)
+        self._changed(b_parent, b_name, a.is_dir)
+        self.table.unlink(a_parent, a_name)
+        self.table.unlink(b_parent, b_name)
+        for moved, old, new in ((a, (a_parent, a_name), (b_parent, b_name)),
+                                (b, (b_parent, b_name), (a_parent, a_name))):
+            if (moved.parent, moved.name) == old:
+                moved.parent, moved.name = new
+            self.table.link(moved, *new)
+            moved.touched()
 
     def _do_rename(self, src: Node, old_parent: Node, old_name: bytes, new_parent: Node,
                    new_name: bytes, dst: Node | None) -> None:
