@@ -137,6 +137,22 @@ def _foreground_args(tmp_path, layers, mnt, flag: str) -> list[str]:
             "--workdir", str(tmp_path / "work"), flag, str(mnt)]
 
 
+def _assert_exited_cleanly(p: subprocess.Popen[bytes]) -> None:
+    """The foreground server ends with exit 0 and no traceback on its stderr."""
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err.decode(errors="replace")
+    assert b"Traceback" not in err, err.decode(errors="replace")
+
+
+def _stop(p: subprocess.Popen[bytes], mnt) -> None:
+    """Leave neither the server nor its mount behind."""
+    if p.poll() is None:
+        p.kill()
+        p.wait()
+    if is_mounted(mnt):
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_foreground_exits_0(tmp_path, layers, sig):
     mnt = tmp_path / "mnt"
@@ -151,16 +167,10 @@ def test_signal_foreground_exits_0(tmp_path, layers, sig):
         assert os.path.ismount(mnt)
         assert sorted(os.listdir(mnt)) == ["a", "b", "d"]
         p.send_signal(sig)
-        _, err = p.communicate(timeout=30)
-        assert p.returncode == 0, err.decode(errors="replace")
-        assert b"Traceback" not in err, err.decode(errors="replace")
+        _assert_exited_cleanly(p)
         assert not is_mounted(mnt)
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-        if is_mounted(mnt):
-            subprocess.run(["umount", "-l", str(mnt)], check=False)
+        _stop(p, mnt)
 
 
 def test_foreground_stays_attached(tmp_path, layers):
@@ -180,15 +190,9 @@ def test_foreground_stays_attached(tmp_path, layers):
             ["fusermount3", "-u", str(mnt)], capture_output=True, timeout=30, check=False
         )
         assert r.returncode == 0, r.stderr
-        _, err = p.communicate(timeout=30)
-        assert p.returncode == 0, err.decode(errors="replace")
-        assert b"Traceback" not in err, err.decode(errors="replace")
+        _assert_exited_cleanly(p)
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-        if is_mounted(mnt):
-            subprocess.run(["umount", "-l", str(mnt)], check=False)
+        _stop(p, mnt)
 
 
 def test_server_is_detached(tmp_path, layers):
