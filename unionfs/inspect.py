@@ -22,7 +22,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Self
 
-from unionfs import copyup, whiteout
+from unionfs import whiteout
 from unionfs.layers import (
     Found,
     Holder,
@@ -36,6 +36,7 @@ from unionfs.layers import (
     open_layer,
     root_layers,
 )
+from unionfs.sysc import at_path
 
 CAPABILITY_XATTR = "security.capability"
 
@@ -278,27 +279,23 @@ def kind_of(st: os.stat_result) -> str:
 
 def read_xattrs(dir_fd: int, name: bytes, want: Callable[[str], bool]) -> dict[str, bytes]:
     """The xattrs of the entry *name* (never following a symlink) for which *want* holds."""
-    fd = copyup.open_path(dir_fd, name)
+    path = at_path(dir_fd, name)
     try:
-        path = copyup.proc_path(fd)
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EPERM, errno.EACCES):
+            return {}
+        raise
+    values: dict[str, bytes] = {}
+    for key in sorted(names):
+        if not want(key):
+            continue
         try:
-            names = os.listxattr(path)
+            values[key] = os.getxattr(path, key, follow_symlinks=False)
         except OSError as exc:
-            if exc.errno in (errno.ENOTSUP, errno.EPERM, errno.EACCES):
-                return {}
-            raise
-        values: dict[str, bytes] = {}
-        for key in sorted(names):
-            if not want(key):
-                continue
-            try:
-                values[key] = os.getxattr(path, key)
-            except OSError as exc:
-                if exc.errno != errno.ENODATA:  # removed meanwhile
-                    raise
-        return values
-    finally:
-        os.close(fd)
+            if exc.errno != errno.ENODATA:  # removed meanwhile
+                raise
+    return values
 
 
 def user_visible_xattr(name: str) -> bool:

@@ -44,6 +44,7 @@ from typing import BinaryIO, Protocol, Self, cast
 from unionfs import copyup, whiteout
 from unionfs.inspect import Stack, open_data, read_xattrs, user_visible_xattr
 from unionfs.layers import lstat_at, open_dir_at
+from unionfs.sysc import at_path
 
 log = logging.getLogger(__name__)
 
@@ -662,10 +663,13 @@ class _Unpacker:
             if not any(w.startswith("owners") for w in self.warnings):
                 self.warnings.append("owners not restored (not running as root)")
 
-    def _set_xattrs(self, target: int | str, meta: _Meta, where: str) -> None:
+    def _set_xattrs(self, target: int | bytes, meta: _Meta, where: str) -> None:
+        """Set *meta*'s xattrs on an fd, or on an `at_path` path (its last component not
+        followed)."""
+        nofollow = {} if isinstance(target, int) else {"follow_symlinks": False}
         for key, value in meta.xattrs:
             try:
-                os.setxattr(target, key, value)
+                os.setxattr(target, key, value, **nofollow)
             except OSError as exc:
                 if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EACCES):
                     raise
@@ -685,11 +689,7 @@ class _Unpacker:
         if not symlink:
             os.chmod(name, meta.mode, dir_fd=parent, follow_symlinks=False)
         if meta.xattrs:
-            fd = copyup.open_path(parent, name)
-            try:
-                self._set_xattrs(copyup.proc_path(fd), meta, _text(name))
-            finally:
-                os.close(fd)
+            self._set_xattrs(at_path(parent, name), meta, _text(name))
         os.utime(name, ns=(meta.atime_ns, meta.mtime_ns), dir_fd=parent, follow_symlinks=False)
 
     def _overlay_marker(self, directory: tuple[bytes, ...], name: bytes | None) -> None:

@@ -43,7 +43,7 @@ from unionfs.layers import (
     open_dir_at,
     root_layers,
 )
-from unionfs.sysc import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, at_path, renameat2
+from unionfs.sysc import RENAME_EXCHANGE, RENAME_NOREPLACE, at_path, renameat2
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -461,12 +461,11 @@ class Union:
             table = self._multi_linked[layer.index] = scan_multi_linked(layer.fd)
         return table.get(st.st_ino, [])
 
-    async def _name_in_upper(self, node: Node, parent: Node, name: bytes) -> int:
+    async def _name_in_upper(self, node: Node, parent: Node, name: bytes) -> None:
         """Make sure the entry *name* in *parent* (a name of *node*) exists in the upper.
 
         A hard link whose data was copied up through another name may still have this
-        name only in a lower layer: link it to the upper copy. Returns the parent's
-        upper fd.
+        name only in a lower layer: link it to the upper copy.
         """
         await self.copy_up(node)
         await self.copy_up(parent)
@@ -475,7 +474,6 @@ class Union:
             src_dir, src_name = self.location(node)
             os.link(src_name, name, src_dir_fd=src_dir, dst_dir_fd=parent_fd,
                     follow_symlinks=False)
-        return parent_fd
 
     # ---------------------------------------------------------------- creating
 
@@ -640,13 +638,7 @@ class Union:
         assert self.work_fd is not None
         tmp = copyup.temp_name()
         if need_whiteout:
-            try:
-                renameat2(parent_fd, name, self.work_fd, tmp, RENAME_WHITEOUT)
-            except OSError as exc:
-                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
-                    raise
-                os.rename(name, tmp, src_dir_fd=parent_fd, dst_dir_fd=self.work_fd)
-                whiteout.make_whiteout(parent_fd, name)
+            whiteout.rename_leaving_whiteout(parent_fd, name, self.work_fd, tmp)
         else:
             os.rename(name, tmp, src_dir_fd=parent_fd, dst_dir_fd=self.work_fd)
         copyup.discard(self.work_fd, tmp)
@@ -804,7 +796,6 @@ class Union:
     def _do_rename(self, src: Node, old_parent: Node, old_name: bytes, new_parent: Node,
                    new_name: bytes, dst: Node | None) -> None:
         """The rename on disk and in the node tree. No await: atomic for trio."""
-        assert self.work_fd is not None
         old_fd = self.upper_fd(old_parent)
         new_fd = self.upper_fd(new_parent)
         src_whiteout = self.lower_has(old_parent, old_name)
@@ -821,13 +812,7 @@ class Union:
             if not src_whiteout:
                 os.unlink(old_name, dir_fd=old_fd)
         elif src_whiteout:
-            try:
-                renameat2(old_fd, old_name, new_fd, new_name, RENAME_WHITEOUT)
-            except OSError as exc:
-                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
-                    raise
-                os.rename(old_name, new_name, src_dir_fd=old_fd, dst_dir_fd=new_fd)
-                whiteout.make_whiteout(old_fd, old_name)
+            whiteout.rename_leaving_whiteout(old_fd, old_name, new_fd, new_name)
         else:
             os.rename(old_name, new_name, src_dir_fd=old_fd, dst_dir_fd=new_fd)
         if whiteout.has_oci_whiteout(new_fd, new_name):

@@ -25,7 +25,7 @@ import errno
 import os
 import stat
 
-from unionfs.sysc import at_path
+from unionfs.sysc import RENAME_WHITEOUT, at_path, renameat2
 
 WH_PREFIX = b".wh."
 OPAQUE_MARKER = b".wh..wh..opq"
@@ -120,6 +120,18 @@ def has_oci_whiteout(dir_fd: int, name: bytes) -> bool:
 def make_whiteout(dir_fd: int, name: bytes) -> None:
     """Create a kernel-format whiteout (char 0/0) named *name* in *dir_fd*."""
     os.mknod(name, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=dir_fd)
+
+
+def rename_leaving_whiteout(old_dir: int, old: bytes, new_dir: int, new: bytes) -> None:
+    """Rename *old* to *new* and leave a whiteout where *old* was: atomically with
+    RENAME_WHITEOUT, else (a filesystem that refuses it) a rename and then a mknod."""
+    try:
+        renameat2(old_dir, old, new_dir, new, RENAME_WHITEOUT)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+            raise
+        os.rename(old, new, src_dir_fd=old_dir, dst_dir_fd=new_dir)
+        make_whiteout(old_dir, old)
 
 
 def set_opaque(fd: int) -> None:
