@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from unionfs.layers import Layer, ListedEntry
+from unionfs.layers import DataRef, Layer, ListedEntry
 
 ROOT_INODE = 1
 Key = tuple[int, int]
@@ -37,7 +37,7 @@ class Node:
     __slots__ = (
         "children",
         "copying",
-        "data_layer",
+        "data",
         "dir_layers",
         "homeless",
         "inode",
@@ -72,8 +72,9 @@ class Node:
         self.keys: set[Key] = set()
         self.listing: dict[bytes, ListedEntry] | None = None
         self.copying: trio.Event | None = None
-        #: For a metadata-only copy-up: the lower layer that still holds the data.
-        self.data_layer: Layer | None = None
+        #: For a metadata-only file (a metacopy mark, in the upper or a lower layer):
+        #: where its data is, in a layer below its entry.
+        self.data: DataRef | None = None
         self.open_fds: list[int] = []
         #: The attributes last sent to the kernel (ops.py's), dropped by `touched` on
         #: every change to the node: readdirplus and getattr reuse them.

@@ -24,16 +24,18 @@ from typing import Self
 
 from unionfs import whiteout
 from unionfs.layers import (
+    DataRef,
     Found,
     Holder,
     Layer,
+    find_data,
     find_entry,
     holders,
     lstat_at,
     merged_listing,
-    metacopy_data,
     open_dir_at,
     open_layer,
+    open_parent,
     root_layers,
 )
 from unionfs.sysc import at_path
@@ -237,10 +239,12 @@ def _walk_dir(stack: Stack, d: MergedDir, components: tuple[bytes, ...],
                 yield from _walk_dir(stack, child, entry.components, prune)
 
 
-def data_layer(parent: MergedDir, name: bytes, found: Found) -> Layer:
-    """The layer holding the data of the entry *found* for *name* in *parent* (the lower
-    file below a metadata-only upper copy, as the mount reads it)."""
-    return metacopy_data(parent.layers, parent.fd_of, name, found) or found.layer
+def data_ref(stack: Stack, parent: MergedDir, name: bytes, found: Found) -> DataRef:
+    """Where the data of the entry *found* for *name* in *parent* is: the entry itself,
+    or, for a metadata-only file (in any layer), the file below that holds it, as the
+    mount reads it."""
+    ref = find_data(stack.layers, parent.layers, parent.fd_of, name, found)
+    return DataRef(found.layer, name) if ref is None else ref
 
 
 def open_data(stack: Stack, components: tuple[bytes, ...]) -> int:
@@ -256,9 +260,17 @@ def open_data(stack: Stack, components: tuple[bytes, ...]) -> int:
             if found is None:
                 raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT),
                                         join(components))
-            layer = data_layer(parent, components[-1], found)
-            return os.open(components[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                           dir_fd=parent.fd_of(layer))
+            ref = data_ref(stack, parent, components[-1], found)
+            ref.check()
+            if ref.path is None:
+                return os.open(ref.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                               dir_fd=parent.fd_of(ref.layer))
+            dir_fd = open_parent(ref.layer, ref.path)
+            try:
+                return os.open(ref.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                               dir_fd=dir_fd)
+            finally:
+                os.close(dir_fd)
         finally:
             for d in reversed(opened):
                 d.close()
@@ -318,7 +330,7 @@ class TreeEntry:
     shadows: tuple[Holder, ...]
     #: A directory that stops the merge with the layers below it.
     opaque: bool = False
-    #: For a metadata-only upper file (metacopy): the layer that holds its data.
+    #: For a metadata-only file (metacopy, in any layer): the layer that holds its data.
     data_layer: Layer | None = None
 
 
@@ -364,7 +376,7 @@ def inspect(stack: Stack, path: bytes = b"/") -> Report:
         held = holders(item.parent.layers, item.parent.fd_of, item.name)
         shadows = tuple(h for h in held if h.layer is not found.layer and h.layer not in merges)
         opaque = any(h.layer is found.layer and h.kind == "opaque" for h in held)
-        data = data_layer(item.parent, item.name, found)
+        data = data_ref(stack, item.parent, item.name, found).layer
         if not item.is_dir:
             visible[item.path] = (found.layer, data)
         size = found.st.st_size if stat.S_ISREG(found.st.st_mode) else 0
@@ -507,7 +519,7 @@ class _LayerWalk:
             return
         # Bytes this layer stores: none for a metadata-only copy (its data is below).
         size = st.st_size if stat.S_ISREG(st.st_mode) else 0
-        if size and self.layer.writable and whiteout.is_metacopy(parent_fd, name):
+        if size and whiteout.is_metacopy(parent_fd, name):
             size = 0
         if found is None:
             self.tally.add("added", st, size)

@@ -18,6 +18,8 @@ so a name that a listing does not show is never found by lookup either.
 from __future__ import annotations
 
 import collections
+import contextlib
+import errno
 import os
 import stat
 from collections.abc import Callable, Iterator, Sequence
@@ -167,19 +169,151 @@ def holders(parent_layers: Sequence[Layer], fd_of: DirFdGetter, name: bytes) -> 
     return result
 
 
-def metacopy_data(parent_layers: Sequence[Layer], fd_of: DirFdGetter, name: bytes,
-                  found: Found) -> Layer | None:
-    """For an entry *found* that is a metadata-only upper file: the lower layer whose
-    file at the same path holds its data (None otherwise, and when no lower regular
-    file is there: then the upper's own data is used)."""
-    if not (found.layer.writable and stat.S_ISREG(found.st.st_mode)
-            and whiteout.is_metacopy(fd_of(found.layer), name)):
+@dataclass(frozen=True)
+class DataRef:
+    """Where the data of a metadata-only file is: the regular file *name* in *layer*, in
+    the entry's own parent directory when *path* is None, else at *path* (components
+    from the layer root, ending in *name*: an absolute ``overlay.redirect``).
+
+    *missing* says why no data was found (then *layer* is the marked entry's own).
+    """
+
+    layer: Layer
+    name: bytes
+    path: tuple[bytes, ...] | None = None
+    missing: str | None = None
+
+    def check(self) -> None:
+        """Raise OSError(EIO) when the data is missing, as the kernel fails such a file."""
+        if self.missing is not None:
+            raise OSError(errno.EIO, f"metadata-only file with {self.missing}", self.name)
+
+
+def find_data(stack: Sequence[Layer], parent_layers: Sequence[Layer], fd_of: DirFdGetter,
+              name: bytes, found: Found) -> DataRef | None:
+    """Where the data of the entry *found* for *name* is, when it holds metadata only
+    (a metacopy mark, in whatever layer it is): None when it holds its own data.
+
+    The kernel's rule (``metacopy=on``): the data is the first regular file without a
+    metacopy mark below it, at the same path in the layers its parent directory
+    merges, or at the path its redirect names (then in every layer below it). Marked
+    files met on the way are followed the same way. *stack* is every layer, top first.
+    When no data is found (a whiteout, a non-file, or nothing below) the reference is
+    *missing*: the kernel fails the lookup with EIO; we show the entry's metadata and
+    fail what reads its data (`DataRef.check`).
+    """
+    if not stat.S_ISREG(found.st.st_mode) or not whiteout.is_metacopy(fd_of(found.layer),
+                                                                        name):
         return None
-    lowers = tuple(layer for layer in parent_layers if not layer.writable)
-    lower = find_entry(lowers, fd_of, name)
-    if lower is None or not stat.S_ISREG(lower.st.st_mode):
-        return None
-    return lower.layer
+    ref = DataRef(found.layer, name)  # the marked entry reached so far
+    while True:
+        with _parent_of(ref, fd_of) as dir_fd:
+            redirect = whiteout.redirect_of(dir_fd, ref.name)
+        target, path = ref.name, ref.path
+        if redirect is not None:
+            target, path = _follow(redirect, target, path)
+        below = parent_layers if path is None else stack
+        step = _first_below(below[below.index(ref.layer) + 1:], fd_of, target, path)
+        if step is None:
+            return DataRef(found.layer, name, missing="no data below it")
+        ref, st = step
+        if not stat.S_ISREG(st.st_mode):
+            return DataRef(found.layer, name, missing="no regular file below it")
+        with _parent_of(ref, fd_of) as dir_fd:
+            if not whiteout.is_metacopy(dir_fd, ref.name):
+                return ref
+
+
+@contextlib.contextmanager
+def _parent_of(ref: DataRef, fd_of: DirFdGetter) -> Iterator[int]:
+    """The fd of the directory holding *ref* (opened for the block when it is a path)."""
+    if ref.path is None:
+        yield fd_of(ref.layer)
+        return
+    fd = open_parent(ref.layer, ref.path)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _first_below(layers: Sequence[Layer], fd_of: DirFdGetter, name: bytes,
+                 path: tuple[bytes, ...] | None) -> tuple[DataRef, os.stat_result] | None:
+    """The first entry *name* (in the merged parent, or at *path*) in *layers*, with its
+    stat; None when a whiteout hides it first, or no layer holds it."""
+    for layer in layers:
+        ref = DataRef(layer, name, path)
+        try:
+            with _parent_of(ref, fd_of) as fd:
+                st = lstat_at(fd, name)
+                hidden = st is None and whiteout.has_oci_whiteout(fd, name)
+        except FileNotFoundError:
+            continue  # the redirect's directories are not in this layer
+        if st is not None:
+            return None if whiteout.is_whiteout(st) else (ref, st)
+        if hidden:
+            return None
+    return None
+
+
+def _follow(redirect: bytes, target: bytes, path: tuple[bytes, ...] | None
+            ) -> tuple[bytes, tuple[bytes, ...] | None]:
+    """The (name, path) an ``overlay.redirect`` value leads to; an invalid one (empty
+    components, ``.`` or ``..``, a relative one with a ``/``) is ignored, as the kernel
+    ignores it."""
+    if redirect.startswith(b"/"):
+        parts = tuple(redirect[1:].split(b"/"))
+        if all(part and part not in (b".", b"..") for part in parts):
+            return parts[-1], parts
+        return target, path
+    if redirect and b"/" not in redirect and redirect not in (b".", b".."):
+        return redirect, None if path is None else (*path[:-1], redirect)
+    return target, path
+
+
+def _data_below(layers: Sequence[Layer], fd_of: DirFdGetter, name: bytes,
+                path: tuple[bytes, ...] | None) -> tuple[Layer, int, os.stat_result] | None:
+    """The first of *layers* holding *name* (in the merged parent, or at *path*): the
+    layer, the fd of its parent directory (owned by the caller when *path* is set) and
+    the entry's stat. None when a whiteout or nothing is found."""
+    for layer in layers:
+        if path is None:
+            fd = fd_of(layer)
+        else:
+            try:
+                fd = open_parent(layer, path)
+            except FileNotFoundError:
+                continue
+        st = lstat_at(fd, name)
+        if st is not None and not whiteout.is_whiteout(st):
+            return layer, fd, st
+        if path is not None:
+            os.close(fd)
+        if st is not None or whiteout.has_oci_whiteout(fd if path is None else -1, name):
+            return None
+    return None
+
+
+def open_parent(layer: Layer, path: tuple[bytes, ...]) -> int:
+    """Open the directory holding *path* (components from the root of *layer*), never
+    following a symlink; the caller closes it. Raises FileNotFoundError when a component
+    is missing, a symlink or not a directory."""
+    fd = os.dup(layer.fd)
+    try:
+        for part in path[:-1]:
+            try:
+                child = open_dir_at(fd, part)
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                    raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT),
+                                            part) from None
+                raise
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 @dataclass(frozen=True)
@@ -233,6 +367,11 @@ def _scan(fd: int) -> Iterator[tuple[bytes, bool, bool]]:
             yield os.fsencode(entry.name), is_dir, not simple
 
 
+#: A directory fd's key: (inode, layer index) for a node's directory, or (layer index,
+#: path) for a directory reached by path (an ``overlay.redirect``).
+FdKey = tuple[int, int] | tuple[int, tuple[bytes, ...]]
+
+
 class DirFdCache:
     """A bounded LRU of open directory fds, keyed by (inode, layer index).
 
@@ -243,15 +382,15 @@ class DirFdCache:
 
     def __init__(self, capacity: int = 2048) -> None:
         self.capacity = capacity
-        self._fds: collections.OrderedDict[tuple[int, int], int] = collections.OrderedDict()
+        self._fds: collections.OrderedDict[FdKey, int] = collections.OrderedDict()
 
-    def get(self, key: tuple[int, int]) -> int | None:
+    def get(self, key: FdKey) -> int | None:
         fd = self._fds.get(key)
         if fd is not None:
             self._fds.move_to_end(key)
         return fd
 
-    def put(self, key: tuple[int, int], fd: int) -> None:
+    def put(self, key: FdKey, fd: int) -> None:
         old = self._fds.pop(key, None)
         if old is not None and old != fd:
             os.close(old)

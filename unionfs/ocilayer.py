@@ -121,7 +121,7 @@ def export_layer(stack: Stack, sink: BinaryIO, *, compress: bool = False,
                  progress: Progress | None = None) -> Exported:
     """Write the upper of *stack* as an OCI layer tar (gzipped when *compress*) to *sink*.
 
-    The data of a metadata-only upper file (metacopy) is read from the lower layer
+    The data of a metadata-only upper file (metacopy) is read from the layer below
     that holds it, as the mount reads it. *progress(done, total)* is called as file
     data is written (bytes of regular files). Raises OSError.
     """
@@ -353,7 +353,8 @@ class _TarWriter:
                   parent: int, st: os.stat_result) -> None:
         name = components[-1]
         if whiteout.is_metacopy(parent, name):
-            # Metadata only: the size is the upper file's, the data the lower one's.
+            # Metadata only: the size is the upper file's, the data that of the file
+            # below that holds it (through further metadata-only layers, or a redirect).
             fd = open_data(self.stack, components)
             info.size = st.st_size
         else:

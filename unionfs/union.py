@@ -30,17 +30,19 @@ import trio
 from unionfs import copyup, whiteout
 from unionfs.inodes import ROOT_INODE, InodeTable, Node, key_of
 from unionfs.layers import (
+    DataRef,
     DirFdCache,
     Found,
     Holder,
     Layer,
     ListedEntry,
+    find_data,
     find_entry,
     holders,
     lstat_at,
     merged_listing,
-    metacopy_data,
     open_dir_at,
+    open_parent,
     root_layers,
 )
 from unionfs.sysc import RENAME_EXCHANGE, RENAME_NOREPLACE, at_path, renameat2
@@ -191,9 +193,12 @@ class Union:
         elif node is None or node.unlinked or node.kind != stat.S_IFMT(st.st_mode):
             node = Node(self.table.number_for(key_of(found.st)), parent, name, layer,
                         stat.S_IFMT(st.st_mode), found.dir_layers)
-            if layer.writable and stat.S_ISREG(st.st_mode) and st.st_size > 0:
-                node.data_layer = metacopy_data(parent.dir_layers, self._fd_of(parent), name,
-                                                found)
+            if stat.S_ISREG(st.st_mode) and st.st_size > 0:
+                node.data = find_data(self.layers, parent.dir_layers, self._fd_of(parent),
+                                      name, found)
+                if node.data is not None and node.data.missing:
+                    log.warning("%s: metadata-only file with %s",
+                                os.fsdecode(name), node.data.missing)
             self.table.add(node, key)
         self.table.link(node, parent, name)
         return node
@@ -214,7 +219,7 @@ class Union:
         if found is None:
             return None
         node = self._node_for(parent, entry.name, found)
-        fresh = node.layer is found.layer and node.data_layer is None and node.name == entry.name
+        fresh = node.layer is found.layer and node.data is None and node.name == entry.name
         return node, (found.st if fresh and node.parent is parent else None)
 
     def listing(self, node: Node) -> dict[bytes, ListedEntry]:
@@ -257,7 +262,7 @@ class Union:
 
     def blocks(self, node: Node, st: os.stat_result) -> int:
         """Blocks in use: a metadata-only copy reports its lower data's, as the kernel does."""
-        if node.data_layer is None:
+        if node.data is None or node.data.missing:
             return st.st_blocks
         dir_fd, name = self.data_location(node)
         data = lstat_at(dir_fd, name)
@@ -299,7 +304,7 @@ class Union:
                     self._copy_up_dir(node, upper)
                 else:
                     await self._copy_up_file(node, upper, data)
-        if node.data_layer is not None and data is not Data.LATER:
+        if node.data is not None and data is not Data.LATER:
             async with self._copying(node):
                 await self._fill_data(node, data)
 
@@ -314,20 +319,31 @@ class Union:
             event.set()
 
     def data_location(self, node: Node) -> tuple[int, bytes]:
-        """(directory fd, name) of the entry that holds *node*'s data: the lower entry
-        below a metadata-only copy-up, else the entry itself."""
-        if node.data_layer is not None:
+        """(directory fd, name) of the entry that holds *node*'s data: the entry below a
+        metadata-only file, else the entry itself."""
+        ref = node.data
+        if ref is None:
+            return self.location(node)
+        ref.check()
+        if ref.path is None:
             assert node.parent is not None
-            return self.dir_fd(node.parent, node.data_layer), node.name
-        return self.location(node)
+            return self.dir_fd(node.parent, ref.layer), ref.name
+        key = (ref.layer.index, ref.path[:-1])
+        fd = self.fds.get(key)
+        if fd is None:
+            fd = open_parent(ref.layer, ref.path)
+            self.fds.put(key, fd)
+        return fd, ref.name
 
     def data_source(self, node: Node) -> Layer:
-        return node.data_layer or node.layer
+        """The layer *node*'s data is read from (an open file changes it only by a
+        copy-up of the data)."""
+        return node.layer if node.data is None else node.data.layer
 
     async def _fill_data(self, node: Node, data: Data) -> None:
         """Give a metadata-only copy its data, in place. The metacopy mark goes only once
         the data is whole and synced, so a crash leaves the lower data in use."""
-        assert node.data_layer is not None
+        assert node.data is not None
         dir_fd, name = self.location(node)
         dst = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
         try:
@@ -346,7 +362,7 @@ class Union:
             whiteout.clear_metacopy(dst)
         finally:
             os.close(dst)
-        node.data_layer = None
+        node.data = None
         node.touched()
 
     def _copy_up_dir(self, node: Node, upper: Layer) -> None:
@@ -372,23 +388,27 @@ class Union:
         src_layer = node.layer
         src_dir, src_name = self.location(node)
         st = os.stat(src_name, dir_fd=src_dir, follow_symlinks=False)
+        # The data may be below the entry (a metadata-only file in a lower layer). An
+        # upper mark without a redirect says "at the same path": only then can the data
+        # stay where it is.
+        below = node.data or DataRef(src_layer, node.name)
         metadata_only = (data is Data.LATER and self.metacopy and stat.S_ISREG(st.st_mode)
-                         and st.st_nlink == 1 and st.st_size > 0)
+                         and st.st_nlink == 1 and st.st_size > 0
+                         and below.path is None and below.name == node.name)
         src = dst = None
         if metadata_only:
             tmp = copyup.start_metadata_copy(src_dir, src_name, st, work_fd)
         else:
-            tmp, src, dst = copyup.start_file_copy(src_dir, src_name, st, work_fd,
+            data_dir, data_name = self.data_location(node)
+            tmp, src, dst = copyup.start_file_copy(data_dir, data_name, st, work_fd,
                                                    with_data=data is not Data.DROP)
         if src is not None and dst is not None:
             try:
-                if st.st_size >= THREAD_COPY_MIN:
-                    # Invariant across this await: node.copying is set, so nothing else
-                    # changes this entry; the temporary is ours alone.
-                    await trio.to_thread.run_sync(copyup.copy_data, src, dst, st.st_size,
-                                                 self.fsync)
-                else:
-                    copyup.copy_data(src, dst, st.st_size, self.fsync)
+                # Invariant across this await: node.copying is set, so nothing else
+                # changes this entry; the temporary is ours alone. Dir fds may have been
+                # closed by the cache meanwhile: they are fetched again below.
+                await trio.to_thread.run_sync(copyup.copy_data, src, dst, st.st_size,
+                                             self.fsync)
             except BaseException:
                 copyup.discard(work_fd, tmp)
                 raise
@@ -405,8 +425,7 @@ class Union:
             copyup.discard(work_fd, tmp)
             raise
         node.layer = upper
-        if metadata_only:
-            node.data_layer = src_layer
+        node.data = below if metadata_only else None
         node.touched()
         self._changed(node.parent, node.name, False)
         fd, name = self.location(node)

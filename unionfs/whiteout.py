@@ -10,9 +10,11 @@ Read, in every layer (lowers and upper):
   - opaque: ``trusted.overlay.opaque``, ``user.overlay.opaque``,
     ``user.fuseoverlayfs.opaque`` set to ``y``, or a ``.wh..wh..opq`` entry inside.
 
-Metadata-only copy-up (kernel ``metacopy=on`` format), written and read: an upper
-regular file with the xattr ``trusted.overlay.metacopy`` holds the entry's metadata
-and its size (sparse); its data is still that of the same path in the layers below.
+Metadata-only copy-up (kernel ``metacopy=on`` format): a regular file with the xattr
+``trusted.overlay.metacopy`` (written; ``user.overlay.metacopy`` is read too) holds the
+entry's metadata and its size (sparse); its data is in a layer below, at the same path
+or at the one its ``overlay.redirect`` xattr names (read, never written). Such files
+are read in every layer: an upper stacked again as a lower keeps them.
 
 Markers never show in the merged view: `is_marker_name` and `is_internal_xattr`
 say what to hide. Every function works on a directory fd and never follows a
@@ -38,8 +40,14 @@ OPAQUE_XATTRS = (
 #: The xattr we write to make a directory opaque.
 OPAQUE_XATTR = "trusted.overlay.opaque"
 
-#: Marks an upper file whose data is still in a lower layer.
+#: Marks an upper file whose data is still in a lower layer (the one we write).
 METACOPY_XATTR = "trusted.overlay.metacopy"
+#: Every metacopy mark we read, in any layer.
+METACOPY_XATTRS = (METACOPY_XATTR, "user.overlay.metacopy")
+#: Where the data of a metacopy file is, when not at its own path (the kernel writes
+#: these for renamed metacopy files): ``/abs/path`` from the layer root, or a name in
+#: the same directory.
+REDIRECT_XATTRS = ("trusted.overlay.redirect", "user.overlay.redirect")
 
 #: xattr name prefixes that belong to the union's bookkeeping, never to the user.
 INTERNAL_XATTR_PREFIXES = (
@@ -150,17 +158,29 @@ def clear_opaque(fd: int) -> None:
 
 
 def is_metacopy(dir_fd: int, name: bytes) -> bool:
-    """True when the regular file *name* in *dir_fd* holds metadata only.
+    """True when the regular file *name* in *dir_fd* holds metadata only (either mark).
 
-    One lgetxattr (see `sysc.at_path`).
+    One llistxattr (see `sysc.at_path`).
     """
     try:
-        os.getxattr(at_path(dir_fd, name), METACOPY_XATTR, follow_symlinks=False)
+        names = os.listxattr(at_path(dir_fd, name), follow_symlinks=False)
     except OSError as exc:
-        if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.ENOENT):
+        if exc.errno in (errno.ENOTSUP, errno.ENOENT, errno.EPERM, errno.EACCES):
             return False
         raise
-    return True
+    return any(mark in names for mark in METACOPY_XATTRS)
+
+
+def redirect_of(dir_fd: int, name: bytes) -> bytes | None:
+    """The ``overlay.redirect`` value of the entry *name* in *dir_fd*, if it has one."""
+    path = at_path(dir_fd, name)
+    for xattr in REDIRECT_XATTRS:
+        try:
+            return os.getxattr(path, xattr, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES):
+                raise
+    return None
 
 
 def set_metacopy(fd: int) -> None:
