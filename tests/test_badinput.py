@@ -231,3 +231,37 @@ def test_unknown_option(env):
     assert r.returncode != 0
     assert not is_mounted(env.mnt)
     assert not Path(f"{env.upper}.work").exists()
+
+
+@pytest.mark.parametrize("spelling", ["{l1}:", ":{l1}", "{l1}::{l2}", "{l1}:{l2}:"])
+def test_an_empty_layer_item(env, spelling):
+    lowers = spelling.format(l1=env.l1, l2=env.l2)
+    line = assert_refused(env, env.args(lowers=lowers))
+    assert "empty layer" in line, line
+
+
+def test_an_empty_layer_item_in_lowerdir(env):
+    args = ["-o", f"lowerdir={env.l1}::{env.l2},upperdir={env.upper}", "--log",
+            env.tmp / "log", env.mnt]
+    assert "empty layer" in assert_refused(env, args)
+
+
+def test_a_foreign_workdir_is_refused(env):
+    wd = env.tmp / "shared-work"
+    wd.mkdir(mode=0o777)
+    os.chmod(wd, 0o777)  # anyone may rename what is in it: refused
+    line = assert_refused(env, env.args(workdir=wd))
+    assert "workdir" in line and "writable by other users" in line, line
+    os.chmod(wd, 0o755)
+    os.chown(wd, 1234, 1234)
+    line = assert_refused(env, env.args(workdir=wd))
+    assert "owned by uid 1234" in line, line
+    assert os.listdir(wd) == []
+
+
+def test_import_of_a_missing_archive_is_bad_input(tmp_path):
+    r = unionmount("import", tmp_path / "no-such.tar", tmp_path / "dest")
+    assert r.returncode == 2, r
+    assert r.stderr.splitlines() == [
+        f"unionmount: archive {tmp_path / 'no-such.tar'}: No such file or directory"]
+    assert not (tmp_path / "dest").exists()

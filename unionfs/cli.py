@@ -14,7 +14,14 @@ import os
 import sys
 
 from unionfs import __version__
-from unionfs.config import ConfigError, MountConfig, check_fuse, validate
+from unionfs.config import (
+    MOUNT_FLAGS,
+    ConfigError,
+    MountConfig,
+    check_fuse,
+    parse_layers,
+    validate,
+)
 from unionfs.idmap import IdMap, IdMapError, parse_ranges
 
 log = logging.getLogger(__name__)
@@ -24,8 +31,7 @@ SUBCOMMANDS = ("inspect", "diff", "export", "import")
 #: -o keys that configure the union itself; every other key is a FUSE option.
 _UNION_KEYS = {"lowerdir", "upperdir", "workdir"}
 #: fuse-overlayfs keys runtimes pass that need nothing from us.
-_TOLERATED = {"volatile", "fsync", "context", "xattr_permissions", "xattr", "noacl", "ro", "rw",
-              "dev", "suid", "nodev", "nosuid", "exec", "noexec", "noatime", "relatime",
+_TOLERATED = {"volatile", "fsync", "context", "xattr_permissions", "xattr", "noacl",
               "redirect_dir", "index", "userxattr", "threaded", "static_nlink",
               "plugins", "timeout", "fast_ino"}
 #: Options FUSE itself takes.
@@ -74,6 +80,7 @@ def parse_config(argv: list[str]) -> tuple[MountConfig, argparse.Namespace]:
     args = _parser().parse_intermixed_args(argv)
     keys: dict[str, str] = {}
     fuse: set[str] = set()
+    flags: list[str] = []
     fsync = True
     metacopy = True
     ids: dict[str, str] = {}
@@ -84,6 +91,8 @@ def parse_config(argv: list[str]) -> tuple[MountConfig, argparse.Namespace]:
                 keys[key] = value
             elif key in _FUSE_KEYS:
                 fuse.add(item)
+            elif item in MOUNT_FLAGS:
+                flags.append(item)
             elif key == "fsync" and value == "0" or key == "volatile":
                 fsync = False
             elif key == "metacopy" and value in ("on", "off"):
@@ -109,9 +118,9 @@ def parse_config(argv: list[str]) -> tuple[MountConfig, argparse.Namespace]:
         lowers, mountpoint = positional
     upper = args.upper or keys.get("upperdir") or None
     workdir = args.workdir or keys.get("workdir") or None
-    layers = tuple(layer for layer in lowers.split(":") if layer)
-    config = MountConfig(lowers=layers, upper=upper, workdir=workdir, mountpoint=mountpoint,
-                         fuse_options=frozenset(fuse), fsync=fsync, metacopy=metacopy,
+    config = MountConfig(lowers=parse_layers(lowers), upper=upper, workdir=workdir,
+                         mountpoint=mountpoint, fuse_options=frozenset(fuse),
+                         mount_flags=tuple(flags), fsync=fsync, metacopy=metacopy,
                          uid_map=_id_map(ids, "uid"), gid_map=_id_map(ids, "gid"))
     return config, args
 
@@ -134,6 +143,9 @@ def _setup_logging(args: argparse.Namespace, foreground: bool) -> None:
     level = logging.DEBUG if args.debug else logging.INFO
     handler: logging.Handler
     if args.log:
+        # Created private: a log names files and may hold other users' names.
+        os.close(os.open(args.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                         0o600))
         handler = logging.FileHandler(args.log)
     elif foreground:
         handler = logging.StreamHandler(sys.stderr)

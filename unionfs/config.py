@@ -1,7 +1,8 @@
 """A frozen MountConfig and its validation: every bad input becomes one clear error.
 
-Validation only reads; it creates nothing except a probe entry in the upper that
-it removes again, to learn whether the upper's filesystem can hold what we write.
+Validation only reads; it creates nothing. What the upper's filesystem can hold is
+learnt at mount time, by a probe inside the workdir (`mount.open_workdir`), where it
+changes nothing a user sees.
 """
 
 from __future__ import annotations
@@ -21,6 +22,16 @@ class ConfigError(Exception):
     exitcode = 2
 
 
+#: Mount flags the kernel honours on any mount (mount(8)'s generic options), as
+#: ``mount -t overlay`` takes them: they are asked for from the kernel and show in
+#: /proc/mounts. The ``no``-less forms undo their opposites (``suid``, ``dev``, ...).
+MOUNT_FLAGS = frozenset({
+    "ro", "rw", "suid", "nosuid", "dev", "nodev", "exec", "noexec", "sync", "async",
+    "dirsync", "atime", "noatime", "relatime", "norelatime", "strictatime", "nostrictatime",
+    "nodiratime", "diratime", "nosymfollow", "symfollow",
+})
+
+
 @dataclass(frozen=True)
 class MountConfig:
     lowers: tuple[str, ...]
@@ -28,10 +39,47 @@ class MountConfig:
     workdir: str | None
     mountpoint: str
     fuse_options: frozenset[str] = field(default_factory=frozenset)
+    #: The `MOUNT_FLAGS` asked for with -o, as given (the last of two opposites wins).
+    mount_flags: tuple[str, ...] = ()
     fsync: bool = True
     metacopy: bool = True
     uid_map: IdMap = IDENTITY
     gid_map: IdMap = IDENTITY
+
+    @property
+    def read_only(self) -> bool:
+        """No writes: no upper, or ``-o ro`` (then the upper is shown, never written)."""
+        return self.upper is None or _last_of(self.mount_flags, "ro", "rw") == "ro"
+
+
+def _last_of(flags: tuple[str, ...], *names: str) -> str | None:
+    for flag in reversed(flags):
+        if flag in names:
+            return flag
+    return None
+
+
+def parse_layers(text: str) -> tuple[str, ...]:
+    """Split ``LAYER1:LAYER2:...`` (top-most first). A backslash takes the next character
+    literally, so ``\\:`` is a colon inside a path, as the kernel reads ``lowerdir=``.
+
+    Raises ConfigError for an empty item (``a::b``, a leading or trailing ``:``).
+    """
+    layers: list[str] = []
+    current: list[str] = []
+    chars = iter(text)
+    for char in chars:
+        if char == "\\":
+            current.append(next(chars, "\\"))
+        elif char == ":":
+            layers.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    layers.append("".join(current))
+    if text and any(not layer for layer in layers):
+        raise ConfigError(f"layers {text!r}: an empty layer path (a stray ':')")
+    return tuple(layer for layer in layers if layer)
 
 
 def default_workdir(upper: str) -> str:
@@ -108,7 +156,6 @@ def validate(config: MountConfig) -> MountConfig:
 
     workdir = config.workdir or default_workdir(config.upper)
     _check_workdir(workdir, upper, upper_st, lowers, mnt)
-    _probe_upper(config.upper)
     return dataclasses.replace(config, workdir=workdir)
 
 
@@ -156,37 +203,20 @@ def _check_workdir(workdir: str, upper: str, upper_st: os.stat_result, lowers: l
     else:
         if not stat.S_ISDIR(st.st_mode):
             raise ConfigError(f"workdir {workdir}: not a directory")
+        check_private(f"workdir {workdir}", st)
     if st.st_dev != upper_st.st_dev:
         raise ConfigError(f"workdir {workdir}: not on the same filesystem as the upper {upper}")
 
 
-def _probe_upper(upper: str) -> None:
-    """Fail unless the upper's filesystem holds trusted xattrs and device nodes."""
-    probe = os.path.join(upper, f".unionfs-probe-{os.getpid()}")
-    try:
-        os.mkdir(probe, 0o700)
-    except OSError as exc:
-        raise ConfigError(f"upper {upper}: cannot create entries: {exc.strerror}") from None
-    try:
-        try:
-            os.setxattr(probe, "trusted.unionfs.probe", b"y")
-        except OSError as exc:
-            raise ConfigError(
-                f"upper {upper}: its filesystem cannot hold trusted xattrs "
-                f"({exc.strerror}); opaque directories need them") from None
-        try:
-            os.mknod(os.path.join(probe, "wh"), stat.S_IFCHR | 0o600, os.makedev(0, 0))
-        except OSError as exc:
-            raise ConfigError(
-                f"upper {upper}: its filesystem cannot hold device nodes "
-                f"({exc.strerror}); whiteouts need them") from None
-    finally:
-        for leftover in ("wh",):
-            try:
-                os.unlink(os.path.join(probe, leftover))
-            except FileNotFoundError:
-                pass
-        os.rmdir(probe)
+def check_private(what: str, st: os.stat_result) -> None:
+    """Fail unless the directory *st* is ours (or root's) and no one else may change
+    what is in it: copy-ups are built there, so a directory another user can write to,
+    or rename entries of, would let them plant what we rename into the upper."""
+    if st.st_uid not in (os.geteuid(), 0):
+        raise ConfigError(f"{what}: owned by uid {st.st_uid}, not by us")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+        raise ConfigError(f"{what}: writable by other users "
+                          f"(mode {stat.S_IMODE(st.st_mode):04o}); make it private")
 
 
 def check_fuse() -> None:

@@ -9,6 +9,8 @@ SIGTERM and SIGINT unmount cleanly; the server then exits 0.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import signal
@@ -18,8 +20,8 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
-from unionfs import copyup
-from unionfs.config import ConfigError, MountConfig
+from unionfs import copyup, sysc, whiteout
+from unionfs.config import ConfigError, MountConfig, check_private
 from unionfs.layers import Layer, open_layer
 from unionfs.ops import UnionOperations
 from unionfs.union import Union
@@ -28,27 +30,107 @@ log = logging.getLogger(__name__)
 
 WORK_SUBDIR = "work"
 
+#: Mount flags libfuse passes to mount(2) itself; the rest are set by `_set_mount_attrs`.
+_LIBFUSE_FLAGS = frozenset({"ro", "rw", "suid", "nosuid", "dev", "nodev", "exec", "noexec",
+                            "sync", "async", "dirsync", "noatime", "atime"})
+#: Per-mount attributes libfuse 3.14 cannot ask for (mount_setattr(2) after the mount).
+_MOUNT_ATTRS = {
+    "strictatime": (sysc.MOUNT_ATTR_STRICTATIME, sysc.MOUNT_ATTR__ATIME),
+    "nodiratime": (sysc.MOUNT_ATTR_NODIRATIME, 0),
+    "nosymfollow": (sysc.MOUNT_ATTR_NOSYMFOLLOW, 0),
+}
+#: Flags that cancel each other: the last one given wins (as mount(8) sets and clears
+#: bits). Of the atime modes the kernel takes strictatime over noatime over relatime.
+_OPPOSITES = (("ro", "rw"), ("suid", "nosuid"), ("dev", "nodev"), ("exec", "noexec"),
+              ("sync", "async"), ("atime", "noatime"), ("strictatime", "nostrictatime"),
+              ("relatime", "norelatime"), ("diratime", "nodiratime"),
+              ("symfollow", "nosymfollow"), ("dirsync",))
 
-def _open_workdir(workdir: str) -> int:
-    """Create (if needed) and open the workdir's ``work`` directory, emptied."""
+
+def open_workdir(workdir: str) -> int:
+    """Open the workdir's ``work`` directory (made private, emptied), creating the workdir
+    and ``work`` when missing, and check that the filesystem holds our markers.
+
+    Everything made here is mode 0700 (the server runs with umask 0). On failure what
+    was made is removed again. Raises ConfigError (bad input) or OSError.
+    """
+    made: list[str] = []
     path = os.path.join(workdir, WORK_SUBDIR)
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    copyup.clean_workdir(fd)
+    try:
+        for directory in (workdir, path):
+            try:
+                os.mkdir(directory, 0o700)
+            except FileExistsError:
+                pass
+            else:
+                made.append(directory)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            check_private(f"workdir {workdir}", os.stat(workdir))
+            check_private(f"workdir {path}", os.fstat(fd))
+            try:
+                # Held for the life of the server: a second mount would remove the
+                # copies this one is building (the kernel refuses a workdir in use, too).
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ConfigError(f"workdir {workdir}: in use by another mount") from None
+            copyup.clean_workdir(fd)
+            _check_support(workdir, whiteout.probe(fd, copyup.temp_name()))
+        except BaseException:
+            os.close(fd)
+            raise
+    except BaseException:
+        for directory in reversed(made):
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
+        raise
     return fd
+
+
+def _check_support(workdir: str, support: whiteout.Support) -> None:
+    where = f"the filesystem of the upper and workdir {workdir}"
+    if support.trusted_xattrs is not None:
+        raise ConfigError(f"{where} cannot hold trusted xattrs ({support.trusted_xattrs}); "
+                          f"opaque directories need them")
+    if support.whiteout_devices is not None:
+        raise ConfigError(f"{where} cannot hold device nodes ({support.whiteout_devices}); "
+                          f"whiteouts need them")
 
 
 def build_union(config: MountConfig) -> Union:
     layers: list[Layer] = []
-    if config.upper is not None:
-        layers.append(open_layer(0, config.upper, writable=True))
-    for path in config.lowers:
-        layers.append(open_layer(len(layers), path, writable=False))
     work_fd = None
-    if config.upper is not None:
-        assert config.workdir is not None
-        work_fd = _open_workdir(config.workdir)
-    return Union(layers, work_fd, fsync=config.fsync, metacopy=config.metacopy)
+    try:
+        if config.upper is not None:
+            layers.append(open_layer(0, config.upper, writable=True))
+        for path in config.lowers:
+            layers.append(open_layer(len(layers), path, writable=False))
+        if not config.read_only:
+            assert config.workdir is not None
+            work_fd = open_workdir(config.workdir)
+    except BaseException:
+        for layer in layers:
+            os.close(layer.fd)
+        raise
+    return Union(layers, work_fd, fsync=config.fsync, metacopy=config.metacopy,
+                 read_only=config.read_only)
+
+
+def mount_flags(config: MountConfig) -> list[str]:
+    """The mount flags to ask for: those given, the last of two opposites winning. As
+    root, like ``mount -t overlay``, setuid bits and device nodes work unless ``nosuid``
+    or ``nodev`` is given (libfuse's own default is nosuid,nodev)."""
+    given = list(config.mount_flags)
+    if os.geteuid() == 0:
+        given = ["suid", "dev", *given]
+    flags = []
+    for group in _OPPOSITES:
+        last = next((flag for flag in reversed(given) if flag in group), None)
+        if last is not None:
+            flags.append(last)
+    if "strictatime" in flags and "noatime" in flags:
+        flags.remove("noatime")
+    return flags
 
 
 def fuse_options(config: MountConfig) -> set[str]:
@@ -61,18 +143,46 @@ def fuse_options(config: MountConfig) -> set[str]:
         if name.startswith("no_") and name[3:] in options:
             options.discard(name[3:])
             options.discard(name)
+    options |= {flag for flag in mount_flags(config) if flag in _LIBFUSE_FLAGS}
     return options
+
+
+def _set_mount_attrs(config: MountConfig) -> None:
+    """Apply the flags libfuse cannot pass to mount(2), on the new mount."""
+    attr_set = attr_clr = 0
+    for flag in mount_flags(config):
+        if flag in _MOUNT_ATTRS:
+            bits, clear = _MOUNT_ATTRS[flag]
+            attr_set |= bits
+            attr_clr |= clear
+    if attr_set:
+        sysc.mount_setattr(config.mountpoint, attr_set, attr_clr)
 
 
 def serve(config: MountConfig, ready: Callable[[str | None], None]) -> int:
     """Mount and serve until unmounted. *ready(None)* is called once the mount is live,
     *ready(message)* on failure. Returns the exit code."""
+    # The kernel applies the caller's umask to the modes it sends; what the server makes
+    # for itself passes explicit, private modes.
     os.umask(0)
     try:
         union = build_union(config)
+    except ConfigError as exc:
+        ready(str(exc))
+        return exc.exitcode
+    except OSError as exc:
+        ready(f"cannot mount {config.mountpoint}: {exc}")
+        return 1
+    try:
         ops = UnionOperations(union, config.uid_map, config.gid_map)
         pyfuse3.init(ops, config.mountpoint, fuse_options(config))
     except (OSError, RuntimeError) as exc:
+        ready(f"cannot mount {config.mountpoint}: {exc}")
+        return 1
+    try:
+        _set_mount_attrs(config)
+    except OSError as exc:
+        pyfuse3.close(unmount=True)
         ready(f"cannot mount {config.mountpoint}: {exc}")
         return 1
     terminated = False

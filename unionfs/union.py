@@ -54,11 +54,12 @@ T = TypeVar("T")
 VIRTUAL_XATTRS = frozenset({"user.unionfs.layer", "user.unionfs.layers",
                             "user.unionfs.copied-up"})
 
+#: The mode bits chown(2) clears on a non-directory: set again after it. (The kernel
+#: already dropped S_ISGID from a new entry's mode where the caller may not have it.)
+_SETID = stat.S_ISUID | stat.S_ISGID
+
 #: In a directory merged from this many layers, lookups use its merged listing.
 LISTING_LOOKUP_LAYERS = 3
-
-#: Copy-ups of files at least this large run their data copy in a worker thread.
-THREAD_COPY_MIN = 1 << 20
 
 
 def _err(code: int, what: bytes | str = "") -> OSError:
@@ -97,17 +98,21 @@ class Union:
     """The merged view of a stack of layers, the upper (if any) on top."""
 
     def __init__(self, layers: list[Layer], work_fd: int | None, fsync: bool = True,
-                 metacopy: bool = True) -> None:
+                 metacopy: bool = True, read_only: bool = False) -> None:
         self.layers = layers
         #: Metadata changes to a lower regular file copy up its metadata only.
         self.metacopy = metacopy
         #: False with ``-o fsync=0`` or ``volatile``: no fsync of copy-ups or on request.
         self.fsync = fsync
-        self.upper: Layer | None = layers[0] if layers[0].writable else None
+        #: The layer changes go to; None for a read-only mount (``-o ro`` shows an upper
+        #: without writing to it: every change is EROFS).
+        self.upper: Layer | None = (layers[0] if layers[0].writable and not read_only
+                                    else None)
         self.work_fd = work_fd
         #: Per lower layer: its non-directories with several names, by st_ino (built on
         #: the first copy-up of such a file; a lower layer never changes).
         self._multi_linked: dict[int, dict[int, list[tuple[bytes, ...]]]] = {}
+        self._scan_locks: dict[int, trio.Lock] = {}
         self.name_max = os.statvfs(layers[0].fd).f_namemax
         self.table = InodeTable()
         self.fds = DirFdCache()
@@ -576,6 +581,8 @@ class Union:
                          dir_fd=dir_fd)
             opened.append(fd)
             os.fchown(fd, uid, gid)
+            if perm & _SETID:
+                os.fchmod(fd, perm)  # chown cleared them
 
         try:
             self._place(parent, name, build, is_dir=False)
@@ -613,6 +620,8 @@ class Union:
         def build(dir_fd: int, entry: bytes) -> None:
             os.mknod(entry, stat.S_IFMT(mode) | perm, rdev, dir_fd=dir_fd)
             os.chown(entry, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+            if perm & _SETID:
+                os.chmod(entry, perm, dir_fd=dir_fd, follow_symlinks=False)  # chown cleared
 
         self._place(parent, name, build, is_dir=False)
         return self._new_node(parent, name)

@@ -26,6 +26,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from unionfs.sysc import RENAME_WHITEOUT, at_path, renameat2
 
@@ -190,8 +192,51 @@ def set_metacopy(fd: int) -> None:
 
 def clear_metacopy(fd: int) -> None:
     """The file open at *fd* now holds its data."""
+    for xattr in (*METACOPY_XATTRS, *REDIRECT_XATTRS):
+        try:
+            os.removexattr(fd, xattr)
+        except OSError as exc:
+            if exc.errno not in (errno.ENODATA, errno.ENOTSUP):
+                raise
+
+
+#: The xattr the probe sets to learn whether the filesystem holds trusted xattrs.
+_PROBE_XATTR = "trusted.overlay.opaque"
+
+
+@dataclass(frozen=True)
+class Support:
+    """What a filesystem can hold of the markers we write (learnt by `probe`)."""
+
+    #: ``trusted.*`` xattrs (opaque directories, metacopy): an errno string when not
+    trusted_xattrs: str | None
+    #: character devices 0/0 (whiteouts): an errno string when not
+    whiteout_devices: str | None
+
+
+def probe(work_fd: int, name: bytes) -> Support:
+    """Learn what the filesystem of the directory *work_fd* holds, with a scratch
+    directory *name* made in it and removed again (the workdir: nothing a user sees)."""
+    os.mkdir(name, 0o700, dir_fd=work_fd)
     try:
-        os.removexattr(fd, METACOPY_XATTR)
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=work_fd)
+        try:
+            trusted = _failure(lambda: os.setxattr(fd, _PROBE_XATTR, b"y"))
+            devices = _failure(lambda: make_whiteout(fd, b"wh"))
+            if devices is None:
+                os.unlink(b"wh", dir_fd=fd)
+        finally:
+            os.close(fd)
+    finally:
+        os.rmdir(name, dir_fd=work_fd)
+    return Support(trusted, devices)
+
+
+def _failure(call: Callable[[], None]) -> str | None:
+    """None when *call* succeeds; the strerror of an OSError it raises."""
+    try:
+        call()
     except OSError as exc:
-        if exc.errno != errno.ENODATA:
-            raise
+        return exc.strerror or str(exc)
+    return None
