@@ -270,3 +270,49 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
     except OSError:
         return True
+
+
+def test_hard_link_copy_up_in_a_large_layer_does_not_stall_others(tmp_path: Path) -> None:
+    """The first copy-up of a hard-linked lower file scans its layer for the other names
+    (100,000 entries here); requests for unrelated files are answered meanwhile."""
+    lower = tmp_path / "lower"
+    build(lower, {"unrelated": "u", "linked": "data"})
+    os.link(lower / "linked", lower / "other-name")
+    for d in range(100):
+        sub = lower / f"d{d:03}"
+        sub.mkdir()
+        for i in range(1000):
+            os.close(os.open(sub / f"f{i:04}", os.O_CREAT | os.O_WRONLY, 0o644))
+    m = mount_unionfs([lower], tmp_path / "upper", tmp_path / "work", tmp_path / "mnt",
+                      tmp_path / "mnt.log")
+    try:
+        probe = str(m / "unrelated")
+        os.listxattr(probe)
+        done = threading.Event()
+        took: list[float] = []
+
+        def chmod() -> None:
+            start = time.monotonic()
+            os.chmod(m / "linked", 0o600)  # a copy-up with data: the names stay one file
+            took.append(time.monotonic() - start)
+            done.set()
+
+        worker = threading.Thread(target=chmod)
+        worker.start()
+        waits = []
+        while not done.is_set():
+            start = time.monotonic()
+            os.listxattr(probe)  # no kernel cache for xattrs: every call reaches the daemon
+            waits.append(time.monotonic() - start)
+        worker.join(60)
+        assert took, "the chmod did not finish"
+        assert max(waits) < 0.1, f"an unrelated request waited {max(waits):.3f}s"
+        assert len(waits) >= 10 and took[0] > 0.1, (
+            f"the copy-up took {took[0]:.3f}s, {len(waits)} probes: too quick to tell")
+        assert os.stat(m / "linked").st_ino == os.stat(m / "other-name").st_ino
+        assert os.stat(m / "other-name").st_mode & 0o777 == 0o600
+    finally:
+        m.unmount()
+    m.assert_log_clean()
+    upper = tmp_path / "upper"
+    assert os.stat(upper / "linked").st_ino == os.stat(upper / "other-name").st_ino

@@ -192,8 +192,8 @@ def start_file_copy(src_dir: int, src_name: bytes, st: os.stat_result, work_fd: 
             raise
         if with_data and st.st_size > 0:
             return tmp, src, dst
+        # No data, no fsync (as the kernel's copy-up): the rename is what must hold.
         os.close(src)
-        os.fsync(dst)
         os.close(dst)
     elif kind == stat.S_IFLNK:
         os.symlink(os.readlink(src_name, dir_fd=src_dir), tmp, dir_fd=work_fd)

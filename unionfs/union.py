@@ -4,11 +4,13 @@ Plain Python on trio (no pyfuse3): `ops.py` adapts it to FUSE. Core code raises
 OSError with the errno the caller should see.
 
 Atomicity (trio): a method with no ``await`` runs without interruption. The
-awaits are: waiting for a node's copy-up to finish (`settle`), and the data
-copy of a large copy-up, which runs in a worker thread. Across that await the
-node is marked ``copying``; every method that changes the node or its name
-settles first, so no two changes to one entry interleave. Directory fds are
-re-fetched from the cache after each await (the cache may have closed them).
+awaits are: waiting for a node's copy-up to finish (`settle`); the data copy
+(and fsync) of a copy-up, which runs in a worker thread; and the one scan of a
+lower layer for the other names of a hard-linked file, in a worker thread too.
+Across those awaits the node is marked ``copying``; every method that changes
+the node or its name settles first, so no two changes to one entry interleave.
+Directory fds are re-fetched from the cache after each await (the cache may have
+closed them). No request waits for another entry's copy, fsync or scan.
 """
 
 from __future__ import annotations
@@ -445,7 +447,7 @@ class Union:
         upper alone (what the kernel or a runtime reads) says so."""
         assert self.upper is not None
         own = self.relpath(node)
-        for path in self._other_names(layer, st):
+        for path in await self._other_names(layer, st):
             if path == own:
                 continue
             parent = self._resolve_dir(path[:-1])
@@ -479,10 +481,19 @@ class Union:
             node = child
         return node
 
-    def _other_names(self, layer: Layer, st: os.stat_result) -> list[tuple[bytes, ...]]:
+    async def _other_names(self, layer: Layer, st: os.stat_result) -> list[tuple[bytes, ...]]:
+        """The paths of every name of the lower inode *st* in *layer*, found by one scan
+        of the layer (in a worker thread: a layer may hold millions of entries), kept for
+        the mount. One scan per layer: a second caller waits for the first."""
         table = self._multi_linked.get(layer.index)
         if table is None:
-            table = self._multi_linked[layer.index] = scan_multi_linked(layer.fd)
+            async with self._scan_locks.setdefault(layer.index, trio.Lock()):
+                table = self._multi_linked.get(layer.index)
+                if table is None:
+                    # Across this await other requests run; a lower layer never changes,
+                    # so what the scan finds stays true. The scan opens its own fds.
+                    table = await trio.to_thread.run_sync(scan_multi_linked, layer.fd)
+                    self._multi_linked[layer.index] = table
         return table.get(st.st_ino, [])
 
     async def _name_in_upper(self, node: Node, parent: Node, name: bytes) -> None:
