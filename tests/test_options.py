@@ -7,6 +7,7 @@ lowerdir-only form are checked on real mounts.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -125,3 +126,61 @@ def test_lowerdir_alone_is_read_only_with_one_layer(tmp_path: Path) -> None:
         assert sorted(os.listdir(lower)) == ["d", "f"]
     finally:
         _unmount(mnt)
+
+
+def test_layers_with_escaped_colons() -> None:
+    config, _ = parse_config([r"/l/a\:b:/l/c\\d", "/mnt"])
+    assert config.lowers == ("/l/a:b", "/l/c\\d")
+    config, _ = parse_config(["-o", r"lowerdir=/l/a\:b:/l/c,upperdir=/u", "/mnt"])
+    assert config.lowers == ("/l/a:b", "/l/c")
+    for bad in ("/l/a:", ":/l/a", "/l/a::/l/b"):
+        with pytest.raises(ConfigError, match="empty layer"):
+            parse_config([bad, "/mnt"])
+
+
+def test_a_layer_whose_name_holds_a_colon(tmp_path: Path) -> None:
+    """Both forms of the command line take ``\\:`` for a colon in a layer's path."""
+    top = build(tmp_path / "top:1", {"t": "top"})
+    base = build(tmp_path / "ba:se", {"b": "base"})
+    escaped = f"{top}:{base}".replace(":1", "\\:1").replace("ba:se", "ba\\:se")
+    for n, args in enumerate(([escaped], ["-o", f"lowerdir={escaped}"])):
+        mnt = tmp_path / f"mnt{n}"
+        mnt.mkdir()
+        r = unionmount(*args, "--log", tmp_path / f"log{n}", mnt)
+        assert r.returncode == 0, r.stderr
+        try:
+            assert sorted(os.listdir(mnt)) == ["b", "t"]
+            assert (mnt / "t").read_text() == "top"
+        finally:
+            subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
+            wait_until(lambda m=mnt: not server_pids(m))
+
+
+def test_help_names_every_command() -> None:
+    r = unionmount("--help")
+    assert r.returncode == 0
+    for command in ("inspect", "diff", "export", "import"):
+        assert f"unionmount {command} " in r.stdout, command
+    assert "\\:" in r.stdout
+
+
+def test_debug_logs_every_request_with_its_time(tmp_path: Path) -> None:
+    lower = build(tmp_path / "l", {"f": "data"})
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log = tmp_path / "log"
+    r = unionmount(lower, "--debug", "--log", log, mnt)
+    assert r.returncode == 0, r.stderr
+    try:
+        assert (mnt / "f").read_text() == "data"
+        assert not (mnt / "missing").exists()
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
+        wait_until(lambda: not server_pids(mnt))
+    text = log.read_text()
+    for pattern in (r"lookup\(1, b'f'\) -> inode \d+ \[\d+\.\d{3} ms\]",
+                    r"lookup\(1, b'missing'\) -> inode 0 \[",
+                    r"open\(\d+, \d+\) -> fh \d+ \[",
+                    r"read\(\d+, 0, \d+\) -> b'data' \["):
+        assert re.search(pattern, text), f"{pattern} not in the log:\n{text[-3000:]}"
+    assert os.stat(log).st_mode & 0o077 == 0, "the log is private"

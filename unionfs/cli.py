@@ -40,11 +40,16 @@ _FUSE_KEYS = {"allow_other", "allow_root", "default_permissions", "no_default_pe
 
 
 def split_options(text: str) -> list[str]:
-    """Split a comma-separated -o list; commas inside double quotes do not split."""
+    """Split a comma-separated -o list; commas inside double quotes, or after a backslash,
+    do not split (the backslash stays, for `parse_layers`)."""
     items: list[str] = []
     current: list[str] = []
     quoted = False
-    for char in text:
+    chars = iter(text)
+    for char in chars:
+        if char == "\\":
+            current.append(char + next(chars, ""))
+            continue
         if char == '"':
             quoted = not quoted
         elif char == "," and not quoted:
@@ -56,21 +61,38 @@ def split_options(text: str) -> list[str]:
     return [item for item in items if item]
 
 
+_EPILOG = """\
+A backslash in LAYERS takes the next character literally: a\\:b is the layer "a:b".
+
+commands that work on layer directories without mounting (unionmount COMMAND --help):
+  unionmount inspect LAYERS [--upper DIR] [PATH] [--json]   where entries come from
+  unionmount diff LAYERS --upper DIR [--all]                 podman diff's A/C/D lines
+  unionmount export LAYERS --upper DIR -o FILE               the upper as an OCI layer tar
+  unionmount import LAYER.TAR DIR [--format oci|overlay]     an OCI layer tar as a layer dir
+"""
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unionmount",
+        usage="%(prog)s [options] LAYERS MOUNTPOINT\n"
+              "       %(prog)s -o lowerdir=LAYERS[,upperdir=DIR,workdir=DIR] [SOURCE] MOUNTPOINT\n"
+              "       %(prog)s {inspect,diff,export,import} ...",
         description="Mount a union of read-only layers (top-most first) and an optional "
-                    "writable upper.")
+                    "writable upper.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("positional", nargs="*", metavar="LAYERS MOUNTPOINT",
                         help="LAYER1:LAYER2:... (top-most first) and the mountpoint")
     parser.add_argument("--upper", help="the writable layer (without it: read-only)")
     parser.add_argument("--workdir", help="scratch dir on the upper's filesystem "
                         "(default: UPPER.work)")
     parser.add_argument("-o", dest="options", action="append", default=[],
-                        help="mount options: lowerdir=,upperdir=,workdir= or FUSE options")
+                        help="mount options: lowerdir=,upperdir=,workdir=, mount flags "
+                             "(ro, nosuid, nodev, noexec, noatime, ...) or FUSE options")
     parser.add_argument("-f", "--foreground", action="store_true",
                         help="stay in the foreground, log to stderr")
-    parser.add_argument("--debug", action="store_true", help="log every request")
+    parser.add_argument("--debug", action="store_true",
+                        help="log every request, with its result and how long it took")
     parser.add_argument("--log", metavar="FILE", help="log to FILE")
     parser.add_argument("--version", action="version", version=f"unionmount {__version__}")
     return parser

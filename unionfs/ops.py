@@ -16,6 +16,7 @@ import errno
 import functools
 import logging
 import os
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
@@ -38,27 +39,74 @@ P = ParamSpec("P")
 def boundary(
     handler: Callable[P, Coroutine[Any, Any, T]],
 ) -> Callable[P, Coroutine[Any, Any, T]]:
-    """Turn OSError into FUSEError; log anything else and answer EIO."""
+    """Turn OSError into FUSEError; log anything else and answer EIO. With DEBUG logging
+    (``--debug``) every request is logged with its result and how long it took."""
+    name = handler.__name__
 
     @functools.wraps(handler)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        if log.isEnabledFor(logging.DEBUG):
+            return await _traced(name, handler, *args, **kwargs)
         try:
             return await handler(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except OSError as exc:
-            if exc.errno is None:
-                log.exception("%s: OSError without errno", handler.__name__)
-                raise pyfuse3.FUSEError(errno.EIO) from None
-            log.debug("%s: %s", handler.__name__, exc)
-            raise pyfuse3.FUSEError(exc.errno) from None
+            raise pyfuse3.FUSEError(_errno_of(name, exc)) from None
         except Exception:
-            log.exception("unexpected error in %s; answered EIO", handler.__name__)
+            log.exception("unexpected error in %s; answered EIO", name)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper
 
 
+def _errno_of(name: str, exc: OSError) -> int:
+    if exc.errno is None:
+        log.error("%s: OSError without errno: %s; answered EIO", name, exc)
+        return errno.EIO
+    return exc.errno
+
+
+async def _traced(name: str, handler: Callable[P, Coroutine[Any, Any, T]],
+                  *args: P.args, **kwargs: P.kwargs) -> T:
+    """`boundary` with a DEBUG line per request: its arguments, result and time."""
+    start = time.perf_counter()
+    shown = ", ".join(_show(arg) for arg in args[1:]
+                      if not isinstance(arg, pyfuse3.RequestContext | pyfuse3.ReaddirToken))
+    try:
+        result = await handler(*args, **kwargs)
+    except pyfuse3.FUSEError as exc:
+        outcome = errno.errorcode.get(exc.errno, str(exc.errno))
+        raise
+    except OSError as exc:
+        code = _errno_of(name, exc)
+        outcome = f"{errno.errorcode.get(code, code)} ({exc})"
+        raise pyfuse3.FUSEError(code) from None
+    except Exception:
+        outcome = "EIO (unexpected error)"
+        log.exception("unexpected error in %s; answered EIO", name)
+        raise pyfuse3.FUSEError(errno.EIO) from None
+    else:
+        outcome = _show(result)
+        return result
+    finally:
+        log.debug("%s(%s) -> %s [%.3f ms]", name, shown, outcome,
+                  (time.perf_counter() - start) * 1000)
+
+
+def _show(value: object) -> str:
+    """A short form of a request argument or result for the debug log."""
+    if isinstance(value, pyfuse3.EntryAttributes):
+        return f"inode {value.st_ino}"
+    if isinstance(value, pyfuse3.FileInfo):
+        return f"fh {value.fh}"
+    if isinstance(value, bytes):
+        return repr(value) if len(value) <= 64 else f"<{len(value)} bytes>"
+    if isinstance(value, tuple):
+        return "(" + ", ".join(_show(item) for item in value) + ")"
+    if isinstance(value, list) and len(value) > 8:
+        return f"<{len(value)} items>"
+    return repr(value)
 
 
 class UnionOperations(pyfuse3.Operations):

@@ -24,7 +24,7 @@ from typing import BinaryIO, NoReturn
 
 from unionfs import inspect as inspection
 from unionfs import ocilayer
-from unionfs.config import ConfigError, check_dir
+from unionfs.config import ConfigError, check_dir, parse_layers
 from unionfs.layers import Layer
 
 #: Below this much file data, export shows no progress bar.
@@ -87,7 +87,7 @@ def _layers_argument(parser: argparse.ArgumentParser, upper_required: bool) -> N
 
 
 def _open(args: argparse.Namespace) -> inspection.Stack:
-    lowers = [layer for layer in args.layers.split(":") if layer]
+    lowers = parse_layers(args.layers)
     if not lowers:
         raise ConfigError("no lower layer given")
     for layer in lowers:
@@ -282,6 +282,20 @@ class _Bar:
 # --------------------------------------------------------------------------- import
 
 
+@contextlib.contextmanager
+def _archive(path: str) -> Iterator[BinaryIO]:
+    """The archive to read (stdin for ``-``); one that cannot be opened is bad input."""
+    if path == "-":
+        yield sys.stdin.buffer
+        return
+    try:
+        src = open(path, "rb")  # noqa: SIM115 - closed below; the error is ours to word
+    except OSError as exc:
+        raise ConfigError(f"archive {path}: {exc.strerror}") from None
+    with src:
+        yield src
+
+
 def _import(argv: list[str]) -> int:
     parser = _Parser(prog="unionmount import",
                      description="Unpack an OCI layer tar (plain or compressed) into a new "
@@ -294,11 +308,8 @@ def _import(argv: list[str]) -> int:
                              "whiteouts and opaque xattrs (needs root)")
     args = parser.parse_args(argv)
     fmt = ocilayer.Format(args.format)
-    if args.archive == "-":
-        result = ocilayer.import_layer(sys.stdin.buffer, args.dest, fmt)
-    else:
-        with open(args.archive, "rb") as src:
-            result = ocilayer.import_layer(src, args.dest, fmt)
+    with _archive(args.archive) as src:
+        result = ocilayer.import_layer(src, args.dest, fmt)
     for warning in result.warnings:
         print(f"unionmount: warning: {warning}", file=sys.stderr)
     return 0
