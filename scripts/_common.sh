@@ -9,8 +9,25 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=$REPO/.venv
 export REPO VENV
 
-# What building pyfuse3 from its sdist and mounting with it need on a bare Debian.
-BASE_APT_PKGS=(fuse3 libfuse3-dev pkg-config python3 python3-venv python3-dev gcc libc6-dev)
+# The Debian packages each script installs. Every program a test or a script runs is listed,
+# with its package, in scripts/programs.txt; tests/test_programs.py checks that these lists
+# install every one of those packages that is not Essential.
+#
+# All scripts: what building pyfuse3 from its sdist and mounting with it need on a bare
+# Debian, mount(8) and umount(8), and what ensure_deps runs (apt-get, modprobe).
+BASE_APT_PKGS=(fuse3 libfuse3-dev pkg-config python3 python3-venv python3-dev gcc libc6-dev
+    mount apt kmod)
+# scripts/test: the reference systems the tests compare against, the tools they drive,
+# bad-input filesystems, and podman, runc, buildah, busybox-static, debootstrap and skopeo
+# for tests/integration.
+TEST_APT_PKGS=(
+    fuse-overlayfs attr acl dosfstools e2fsprogs psmisc util-linux
+    podman runc buildah busybox-static debootstrap skopeo
+)
+# scripts/bench: the other mount program and the benchmark tools.
+BENCH_APT_PKGS=(fuse-overlayfs fio dbench)
+# scripts/demo: getfattr.
+DEMO_APT_PKGS=(attr)
 
 note() { printf '%s: %s\n' "${0##*/}" "$*" >&2; }
 

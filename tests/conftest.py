@@ -32,6 +32,7 @@ from mounts import (
     mounts_under,
     pids_mentioning,
 )
+from programs import ProgramAudit
 
 WATCHDOG = float(os.environ.get("UNIONFS_TEST_WATCHDOG", "180"))
 
@@ -40,6 +41,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "watchdog(seconds): kill this test's daemons after so long (default 180)"
     )
+    # Every program the session runs must be in scripts/programs.txt, from a package
+    # scripts/test installs: the session fails at its end otherwise (tests/programs.py).
+    config.pluginmanager.register(ProgramAudit(), "unionfs-program-audit")
 
 
 @pytest.fixture(params=["kernel", "unionfs"])

@@ -24,16 +24,15 @@ from pathlib import Path
 import pytest
 from it_storage import BUSYBOX_IMAGE, THREE_IMAGE, Storage, Stores
 from it_support import (
-    MOUNT_PROGRAM_ENV,
     CommandFailed,
     busybox_entries,
-    ensure_packages,
     select_mount_program,
     tar_bytes,
     three_layer_tars,
     unmount_all_under,
     write_oci_layout,
 )
+from programs import SCRIPTS, package_status, script_installs
 
 # Seconds one test may take before its mount daemons are killed.
 WATCHDOG = float(os.environ.get("UNIONFS_IT_WATCHDOG", "300"))
@@ -70,8 +69,14 @@ def it_root() -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def tools() -> None:
-    chosen = os.environ.get(MOUNT_PROGRAM_ENV, "")
-    ensure_packages(["fuse-overlayfs"] if "fuse-overlayfs" in chosen else [])
+    """podman, buildah, runc, busybox-static, fuse-overlayfs, ... come from scripts/test (the
+    packages it installs are in scripts/_common.sh; the programs in scripts/programs.txt).
+    Without one of them the tests fail here, naming the packages, not inside a podman call."""
+    missing = sorted(p for p, st in package_status(script_installs(SCRIPTS / "test")).items()
+                     if not st.installed)
+    if missing:
+        raise CommandFailed(f"Debian packages missing: {' '.join(missing)} (scripts/test "
+                            "installs them)")
 
 
 @pytest.fixture(scope="session")
