@@ -22,9 +22,9 @@ import pytest
 from mounts import UNIONMOUNT, File, build, mount_unionfs
 
 from unionfs import mount as mount_module
-from unionfs.layers import open_layer
+from unionfs import core
+from unionfs.layers import open_stack
 from unionfs.ops import UnionOperations
-from unionfs.union import Union
 
 pytestmark = pytest.mark.usefixtures("mount_guard")
 
@@ -38,21 +38,21 @@ async def test_unexpected_error_is_logged_and_answered_eio(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     layer = build(tmp_path / "l", {"f": "x"})
-    ops = UnionOperations(Union([open_layer(0, str(layer), writable=False)], None))
+    ops = UnionOperations(core.build(open_stack([str(layer)]), None))
     entry = await ops.lookup(pyfuse3.ROOT_INODE, b"f", _Ctx())
     assert entry.st_ino
 
     def broken(*args: object) -> None:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(ops.union, "stat", broken)
-    ops.union.table[entry.st_ino].touched()
+    monkeypatch.setattr(ops.view, "stat", broken)
+    ops.view.table[entry.st_ino].changed()
     with caplog.at_level(logging.ERROR), pytest.raises(pyfuse3.FUSEError) as raised:
         await ops.getattr(entry.st_ino, _Ctx())
     assert raised.value.errno == errno.EIO
     assert "a bug" in caplog.text and "Traceback" in caplog.text
     # An OSError keeps its errno and is no error of the daemon's.
-    monkeypatch.setattr(ops.union, "stat", lambda *a: (_ for _ in ()).throw(
+    monkeypatch.setattr(ops.view, "stat", lambda *a: (_ for _ in ()).throw(
         PermissionError(errno.EACCES, "no")))
     with pytest.raises(pyfuse3.FUSEError) as raised:
         await ops.getattr(entry.st_ino, _Ctx())

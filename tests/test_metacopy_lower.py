@@ -28,7 +28,7 @@ from mounts import (
     tool,
 )
 
-from unionfs.layers import Found, find_data, lstat_at, open_layer
+from unionfs.layers import Found, find_data, lstat_at, open_stack
 
 pytestmark = pytest.mark.usefixtures("mount_guard")
 
@@ -195,7 +195,7 @@ def _found(layers, name: bytes, pos: int = 0) -> Found:
 
 
 def _layers(*roots: Path):
-    return [open_layer(i, str(root), writable=False) for i, root in enumerate(roots)]
+    return list(open_stack([str(root) for root in roots]).layers)
 
 
 def _mark(path: Path, redirect: bytes | None = None) -> None:

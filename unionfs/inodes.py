@@ -10,11 +10,11 @@ across copy-up, and two names of one layer inode (hard links) are one node.
 
 from __future__ import annotations
 
+import enum
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import trio
 
 from unionfs.layers import DataRef, Layer, ListedEntry
 
@@ -26,20 +26,33 @@ def key_of(st: os.stat_result) -> Key:
     return (st.st_dev, st.st_ino)
 
 
+class NodeState(enum.Enum):
+    """Where a node's entry is."""
+
+    #: at (parent, name) in node.layer
+    LIVE = "live"
+    #: the name it was reached by is gone, but other names of the inode remain
+    #: (nlink > 0): the next lookup of one of them gives the node its new home
+    HOMELESS = "homeless"
+    #: its last name is gone; it lives on while open (its data until forget)
+    UNLINKED = "unlinked"
+
+
 class Node:
     """One inode of the merged view.
 
-    ``parent``/``name``/``layer`` say where its entry lives now. ``dir_layers`` is,
-    for a directory, every layer whose directory merges into it (top first).
-    ``links`` is every (parent, name) under which the kernel knows this node.
+    ``parent``/``name``/``layer`` say where its entry lives now (while `state` is LIVE).
+    ``dir_layers`` is, for a directory, every layer whose directory merges into it (top
+    first). ``links`` is every (parent, name) under which the kernel knows this node.
+    ``version`` counts changes to its attributes: a cache of them is good while it is
+    unchanged.
     """
 
     __slots__ = (
         "children",
-        "copying",
         "data",
         "dir_layers",
-        "homeless",
+        "handles",
         "inode",
         "keys",
         "kind",
@@ -48,10 +61,9 @@ class Node:
         "listing",
         "lookups",
         "name",
-        "open_fds",
         "parent",
-        "reply_attrs",
-        "unlinked",
+        "state",
+        "version",
     )
 
     def __init__(self, inode: int, parent: Node | None, name: bytes, layer: Layer, kind: int,
@@ -62,34 +74,37 @@ class Node:
         self.layer = layer
         self.kind = kind
         self.dir_layers = dir_layers
+        self.state = NodeState.LIVE
         self.lookups = 0
+        self.version = 0
         self.children: dict[bytes, Node] = {}
         self.links: set[tuple[Node, bytes]] = set()
-        self.unlinked = False
-        #: The name it was reached by is gone, but other names of the inode remain
-        #: (nlink > 0): the next lookup of one of them gives the node its new home.
-        self.homeless = False
         self.keys: set[Key] = set()
         self.listing: dict[bytes, ListedEntry] | None = None
-        self.copying: trio.Event | None = None
         #: For a metadata-only file (a metacopy mark, in the upper or a lower layer):
         #: where its data is, in a layer below its entry.
         self.data: DataRef | None = None
-        self.open_fds: list[int] = []
-        #: The attributes last sent to the kernel (ops.py's), dropped by `touched` on
-        #: every change to the node: readdirplus and getattr reuse them.
-        self.reply_attrs: object | None = None
+        #: Its open files (an unlinked file's attributes come from one of them).
+        self.handles: set[FileHandle] = set()
 
-    def touched(self) -> None:
-        """Its attributes changed: the next reply reads them again."""
-        self.reply_attrs = None
+    def changed(self) -> None:
+        """Its attributes (or those of its entry) changed."""
+        self.version += 1
 
     @property
     def is_dir(self) -> bool:
         return self.kind == stat.S_IFDIR
 
+    @property
+    def live(self) -> bool:
+        return self.state is NodeState.LIVE
+
+    def open_fd(self) -> int | None:
+        """An fd of one of its open files, if any."""
+        return next((handle.fd for handle in self.handles), None)
+
     def __repr__(self) -> str:
-        return f"<Node {self.inode} {self.name!r} in {self.layer!r}>"
+        return f"<Node {self.inode} {self.name!r} in {self.layer!r} {self.state.value}>"
 
 
 class InodeTable:
@@ -175,13 +190,29 @@ class InodeTable:
         return node
 
 
-@dataclass
 class FileHandle:
-    fd: int
-    node: Node
-    #: The layer the fd was opened in: a read-only fd opened on a lower layer is
-    #: reopened after the node is copied up, so readers see the new data.
-    layer: Layer
+    """An open file of the merged view: it owns its fd, and knows the layer the fd
+    reads. A file opened read-only before its node's data was copied up reads the copy
+    from then on (as kernel overlayfs does): `fd_for` reopens it."""
+
+    def __init__(self, node: Node, fd: int, source: Layer) -> None:
+        self.node = node
+        self.fd = fd
+        self.source = source
+        node.handles.add(self)
+
+    def fd_for(self, source: Layer, reopen: Callable[[Node, int], int]) -> int:
+        """The fd to read *source*, the layer the node's data is in now:
+        *reopen(node, fd)* opens it with the access mode of the current fd."""
+        if source is not self.source and self.node.state is not NodeState.UNLINKED:
+            fd = reopen(self.node, self.fd)
+            os.close(self.fd)
+            self.fd, self.source = fd, source
+        return self.fd
+
+    def close(self) -> None:
+        self.node.handles.discard(self)
+        os.close(self.fd)
 
 
 @dataclass

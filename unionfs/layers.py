@@ -2,12 +2,13 @@
 
 A `Layer` is a directory opened once; every later syscall on it is relative to
 a directory fd and never follows a symlink, so a hostile layer (a symlink
-where a directory is expected) cannot lead us out of it.
+where a directory is expected) cannot lead us out of it. `open_stack` is the one
+way layers are opened, by the mount and by the offline tools.
 
 Resolution rules (kernel overlayfs is the reference):
   - layers are searched top-down; the first entry found wins;
-  - a whiteout (char 0/0, or an OCI ``.wh.NAME`` beside it) hides the name in
-    every layer below and stops the search;
+  - a whiteout (see `whiteout`: either kind) hides the name in every layer below
+    and stops the search;
   - a non-directory hides everything below;
   - directories merge with the directories below until one is opaque; a
     non-directory or a whiteout below a directory stops the merge too.
@@ -19,18 +20,20 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import enum
 import errno
 import os
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Self
 
 from unionfs import whiteout
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True, eq=False)
 class Layer:
     """One layer of the stack. ``index`` 0 is the top; the upper, if any, is index 0."""
 
@@ -48,10 +51,48 @@ class Layer:
         return f"<Layer {self.index} {self.label}>"
 
 
-def open_layer(index: int, path: str, writable: bool) -> Layer:
-    """Open the layer root. The path given by the user may itself be a symlink."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    return Layer(index=index, path=os.path.abspath(path), fd=fd, writable=writable)
+class Stack:
+    """Open layers, top first (the upper, if any, is index 0): what a mount serves and
+    what the offline tools read. Closing it closes the layers' fds."""
+
+    def __init__(self, layers: Sequence[Layer]) -> None:
+        self.layers = tuple(layers)
+
+    @property
+    def upper(self) -> Layer | None:
+        return self.layers[0] if self.layers and self.layers[0].writable else None
+
+    @property
+    def lowers(self) -> tuple[Layer, ...]:
+        return tuple(layer for layer in self.layers if not layer.writable)
+
+    def close(self) -> None:
+        for layer in self.layers:
+            os.close(layer.fd)
+        self.layers = ()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_stack(lowers: Sequence[str], upper: str | None = None) -> Stack:
+    """Open *lowers* (top first) under *upper*. The paths the user gave may themselves
+    be symlinks; nothing inside a layer is followed. Raises OSError (then nothing is
+    left open)."""
+    layers: list[Layer] = []
+    try:
+        for path, writable in ([(upper, True)] if upper is not None else []) + [
+                (path, False) for path in lowers]:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            layers.append(Layer(len(layers), os.path.abspath(path), fd, writable))
+    except BaseException:
+        for layer in layers:
+            os.close(layer.fd)
+        raise
+    return Stack(layers)
 
 
 def lstat_at(dir_fd: int, name: bytes) -> os.stat_result | None:
@@ -80,15 +121,12 @@ class Found:
 DirFdGetter = Callable[[Layer], int]
 
 
-def find_entry(
-    parent_layers: Sequence[Layer], fd_of: DirFdGetter, name: bytes,
-    child_fd: Callable[[Layer, int, bytes], int] | None = None,
-) -> Found | None:
+def find_entry(parent_layers: Sequence[Layer], fd_of: DirFdGetter, name: bytes
+               ) -> Found | None:
     """Resolve *name* in a merged directory made of *parent_layers* (top first).
 
-    *fd_of(layer)* gives the parent directory's fd in that layer. *child_fd*, when
-    given, opens (and may cache) the child directory in a layer, for the opacity check.
-    Returns None when the name is absent or whited out; raises OSError on I/O errors.
+    *fd_of(layer)* gives the parent directory's fd in that layer. Returns None when the
+    name is absent or whited out; raises OSError on I/O errors.
     """
     winner: tuple[Layer, os.stat_result] | None = None
     dirs: list[Layer] = []
@@ -108,19 +146,14 @@ def find_entry(
         if winner is None:
             winner = (layer, st)
         dirs.append(layer)
-        if pos + 1 < len(parent_layers) and _dir_is_opaque(layer, fd, name, child_fd):
+        if pos + 1 < len(parent_layers) and _dir_is_opaque(fd, name):
             break
     if winner is None:
         return None
     return Found(winner[0], winner[1], tuple(dirs))
 
 
-def _dir_is_opaque(
-    layer: Layer, parent_fd: int, name: bytes,
-    child_fd: Callable[[Layer, int, bytes], int] | None,
-) -> bool:
-    if child_fd is not None:
-        return whiteout.is_opaque_fd(child_fd(layer, parent_fd, name))
+def _dir_is_opaque(parent_fd: int, name: bytes) -> bool:
     fd = open_dir_at(parent_fd, name)
     try:
         return whiteout.is_opaque_fd(fd)
@@ -138,13 +171,21 @@ def root_layers(layers: Sequence[Layer]) -> tuple[Layer, ...]:
     return tuple(dirs)
 
 
+class Held(enum.Enum):
+    """What a layer holds under a name."""
+
+    FILE = "file"  # any non-directory
+    DIR = "dir"
+    OPAQUE = "opaque"  # an opaque directory
+    WHITEOUT = "whiteout"
+
+
 @dataclass(frozen=True)
 class Holder:
-    """A layer that holds a name, and what it holds: ``file`` (any non-directory),
-    ``dir``, ``opaque`` (an opaque directory) or ``whiteout``."""
+    """A layer that holds a name, and what it holds there."""
 
     layer: Layer
-    kind: str
+    kind: Held
 
 
 def holders(parent_layers: Sequence[Layer], fd_of: DirFdGetter, name: bytes) -> list[Holder]:
@@ -155,17 +196,14 @@ def holders(parent_layers: Sequence[Layer], fd_of: DirFdGetter, name: bytes) -> 
         st = lstat_at(fd, name)
         if st is None:
             if whiteout.has_oci_whiteout(fd, name):
-                result.append(Holder(layer, "whiteout"))
+                result.append(Holder(layer, Held.WHITEOUT))
         elif whiteout.is_whiteout(st):
-            result.append(Holder(layer, "whiteout"))
+            result.append(Holder(layer, Held.WHITEOUT))
         elif stat.S_ISDIR(st.st_mode):
-            child = open_dir_at(fd, name)
-            try:
-                result.append(Holder(layer, "opaque" if whiteout.is_opaque_fd(child) else "dir"))
-            finally:
-                os.close(child)
+            opaque = _dir_is_opaque(fd, name)
+            result.append(Holder(layer, Held.OPAQUE if opaque else Held.DIR))
         else:
-            result.append(Holder(layer, "file"))
+            result.append(Holder(layer, Held.FILE))
     return result
 
 
@@ -326,45 +364,18 @@ class ListedEntry:
 def merged_listing(dir_layers: Sequence[Layer], fd_of: DirFdGetter) -> dict[bytes, ListedEntry]:
     """The union of the directories in *dir_layers* (top first), once per name.
 
-    Whiteouts and OCI markers hide names below them and are never listed.
+    Whiteouts hide names below them (`whiteout.read_layer_dir` says which) and are
+    never listed, nor are OCI markers.
     """
     seen: dict[bytes, ListedEntry | None] = {}
     for layer in dir_layers:
-        fd = fd_of(layer)
-        hidden: list[bytes] = []
-        for name, is_dir, needs_stat in _scan(fd):
-            if whiteout.is_marker_name(name):
-                target = whiteout.whited_out_name(name)
-                if target is not None:
-                    hidden.append(target)
-                continue
-            if name in seen:
-                continue
-            if needs_stat:
-                st = lstat_at(fd, name)
-                if st is None:
-                    continue
-                if whiteout.is_whiteout(st):
-                    seen[name] = None
-                    continue
-            seen[name] = ListedEntry(name, layer, is_dir)
-        for name in hidden:
+        held = whiteout.read_layer_dir(fd_of(layer))
+        for name, is_dir in held.entries.items():
+            if name not in seen:
+                seen[name] = ListedEntry(name, layer, is_dir)
+        for name in held.hidden:
             seen.setdefault(name, None)
     return {name: entry for name, entry in seen.items() if entry is not None}
-
-
-def _scan(fd: int) -> Iterator[tuple[bytes, bool, bool]]:
-    """(name, is_dir, needs_stat) for each entry of the directory at *fd*.
-
-    os.scandir on an fd works on its own dup and rewinds it when done; it yields str
-    names, and os.fsencode gives back the exact bytes. Only entries whose type d_type
-    cannot tell apart from a whiteout (char devices and the like) need an lstat.
-    """
-    with os.scandir(fd) as it:
-        for entry in it:
-            is_dir = entry.is_dir(follow_symlinks=False)
-            simple = is_dir or entry.is_file(follow_symlinks=False) or entry.is_symlink()
-            yield os.fsencode(entry.name), is_dir, not simple
 
 
 #: A directory fd's key: (inode, layer index) for a node's directory, or (layer index,

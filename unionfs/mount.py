@@ -20,11 +20,10 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
-from unionfs import copyup, sysc, whiteout
+from unionfs import copyup, core, sysc, whiteout
 from unionfs.config import ConfigError, MountConfig, check_private
-from unionfs.layers import Layer, open_layer
+from unionfs.layers import open_stack
 from unionfs.ops import UnionOperations
-from unionfs.union import Union
 
 log = logging.getLogger(__name__)
 
@@ -97,23 +96,20 @@ def _check_support(workdir: str, support: whiteout.Support) -> None:
                           f"whiteouts need them")
 
 
-def build_union(config: MountConfig) -> Union:
-    layers: list[Layer] = []
-    work_fd = None
+def build_core(config: MountConfig) -> core.Core:
+    """Open the layers and the workdir; raises ConfigError or OSError (then nothing is
+    left open, and no workdir we made is left)."""
+    stack = open_stack(config.lowers, config.upper)
     try:
-        if config.upper is not None:
-            layers.append(open_layer(0, config.upper, writable=True))
-        for path in config.lowers:
-            layers.append(open_layer(len(layers), path, writable=False))
+        work_fd = None
         if not config.read_only:
             assert config.workdir is not None
             work_fd = open_workdir(config.workdir)
     except BaseException:
-        for layer in layers:
-            os.close(layer.fd)
+        stack.close()
         raise
-    return Union(layers, work_fd, fsync=config.fsync, metacopy=config.metacopy,
-                 read_only=config.read_only)
+    return core.build(stack, work_fd, fsync=config.fsync, metacopy=config.metacopy,
+                      read_only=config.read_only)
 
 
 def mount_flags(config: MountConfig) -> list[str]:
@@ -166,7 +162,7 @@ def serve(config: MountConfig, ready: Callable[[str | None], None]) -> int:
     # for itself passes explicit, private modes.
     os.umask(0)
     try:
-        union = build_union(config)
+        parts = build_core(config)
     except ConfigError as exc:
         ready(str(exc))
         return exc.exitcode
@@ -174,7 +170,7 @@ def serve(config: MountConfig, ready: Callable[[str | None], None]) -> int:
         ready(f"cannot mount {config.mountpoint}: {exc}")
         return 1
     try:
-        ops = UnionOperations(union, config.uid_map, config.gid_map)
+        ops = UnionOperations(parts, config.uid_map, config.gid_map)
         pyfuse3.init(ops, config.mountpoint, fuse_options(config))
     except (OSError, RuntimeError) as exc:
         ready(f"cannot mount {config.mountpoint}: {exc}")

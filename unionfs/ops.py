@@ -1,9 +1,10 @@
 """The pyfuse3.Operations subclass: a thin adapter and the one errno boundary.
 
-Every handler decodes its arguments, calls `Union`, and builds the reply. An
-OSError becomes a FUSEError with its errno here and nowhere else; any other
-exception is logged with its traceback and answered with EIO, so no single
-request can kill the daemon (pyfuse3 would otherwise end its main loop).
+Every handler decodes its arguments, calls the core (`core.Core`: the view, changes
+and removal), and builds the reply. An OSError becomes a FUSEError with its errno
+here and nowhere else; any other exception is logged with its traceback and answered
+with EIO, so no single request can kill the daemon (pyfuse3 would otherwise end its
+main loop).
 
 Caching: lower layers never change and every change goes through this daemon,
 so entries, attributes and negative lookups get long timeouts and file pages
@@ -23,9 +24,10 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
+from unionfs.changes import Caller, SetAttrs
+from unionfs.core import Core
 from unionfs.idmap import IDENTITY, IdMap
 from unionfs.inodes import DirHandle, FileHandle, HandleTable, Node
-from unionfs.union import Caller, SetAttrs, Union
 
 log = logging.getLogger(__name__)
 
@@ -110,17 +112,22 @@ def _show(value: object) -> str:
 
 
 class UnionOperations(pyfuse3.Operations):
-    """FUSE requests on a `Union`."""
+    """FUSE requests on a union's `Core`."""
 
     enable_acl = True
 
-    def __init__(self, union: Union, uid_map: IdMap = IDENTITY,
+    def __init__(self, core: Core, uid_map: IdMap = IDENTITY,
                  gid_map: IdMap = IDENTITY) -> None:
         super().__init__()
-        self.union = union
+        self.core = core
+        self.view = core.view
         self.handles = HandleTable()
         self.uid_map = uid_map
         self.gid_map = gid_map
+        #: The attributes last sent for each inode, with the node's version then:
+        #: pyfuse3 copies them into each reply, so one object serves many (readdirplus
+        #: and getattr) until the node changes.
+        self._replies: dict[int, tuple[Node, int, pyfuse3.EntryAttributes]] = {}
 
     def _caller(self, ctx: pyfuse3.RequestContext) -> Caller:
         """The caller, with ids as stored on disk."""
@@ -129,45 +136,42 @@ class UnionOperations(pyfuse3.Operations):
     # ------------------------------------------------------------ helpers
 
     def _node(self, inode: int) -> Node:
-        node = self.union.table.get(inode)
+        node = self.view.table.get(inode)
         if node is None:
             raise pyfuse3.FUSEError(errno.ESTALE)
         return node
 
     def _attrs(self, node: Node, st: os.stat_result | None = None) -> pyfuse3.EntryAttributes:
-        """*node*'s attributes for a reply: cached until the node is `touched`
-        (pyfuse3 copies them into each reply, so one object serves many). *st* is the
-        layer's stat of its entry when the caller has it."""
-        cached = node.reply_attrs
-        if cached is not None:
-            assert isinstance(cached, pyfuse3.EntryAttributes)
-            return cached
-        if st is None:
-            st = self.union.stat(node)
+        """*node*'s attributes for a reply; *st* is the layer's stat of its entry when
+        the caller has it."""
+        cached = self._replies.get(node.inode)
+        if cached is not None and cached[0] is node and cached[1] == node.version:
+            return cached[2]
+        attrs = self.view.attributes(node, st)
         entry = pyfuse3.EntryAttributes()
         entry.st_ino = node.inode
         entry.generation = 0
         entry.entry_timeout = CACHE_TIMEOUT
         entry.attr_timeout = CACHE_TIMEOUT
-        entry.st_mode = st.st_mode
-        entry.st_nlink = self.union.nlink(node, st)
-        entry.st_uid = self.uid_map.to_mount(st.st_uid)
-        entry.st_gid = self.gid_map.to_mount(st.st_gid)
-        entry.st_rdev = st.st_rdev
-        entry.st_size = st.st_size
-        entry.st_blksize = st.st_blksize
-        entry.st_blocks = self.union.blocks(node, st)
-        entry.st_atime_ns = st.st_atime_ns
-        entry.st_mtime_ns = st.st_mtime_ns
-        entry.st_ctime_ns = st.st_ctime_ns
-        if not node.unlinked and not node.homeless:
-            node.reply_attrs = entry
+        entry.st_mode = attrs.mode
+        entry.st_nlink = attrs.nlink
+        entry.st_uid = self.uid_map.to_mount(attrs.uid)
+        entry.st_gid = self.gid_map.to_mount(attrs.gid)
+        entry.st_rdev = attrs.rdev
+        entry.st_size = attrs.size
+        entry.st_blksize = attrs.blksize
+        entry.st_blocks = attrs.blocks
+        entry.st_atime_ns = attrs.atime_ns
+        entry.st_mtime_ns = attrs.mtime_ns
+        entry.st_ctime_ns = attrs.ctime_ns
+        if node.live:
+            self._replies[node.inode] = (node, node.version, entry)
         return entry
 
     def _reply_entry(self, node: Node) -> pyfuse3.EntryAttributes:
         """Attributes for a reply that hands the kernel a reference (counted here)."""
         entry = self._attrs(node)
-        self.union.table.remember(node)
+        self.view.table.remember(node)
         return entry
 
     # ------------------------------------------------------------ lookup & attributes
@@ -180,7 +184,7 @@ class UnionOperations(pyfuse3.Operations):
             return self._reply_entry(parent)
         if name == b"..":
             return self._reply_entry(parent.parent or parent)
-        node = self.union.lookup(parent, name)
+        node = self.view.lookup(parent, name)
         if node is None:
             # A negative entry the kernel may cache: only we change the tree.
             entry = pyfuse3.EntryAttributes()
@@ -192,7 +196,9 @@ class UnionOperations(pyfuse3.Operations):
     @boundary
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for inode, count in inode_list:
-            self.union.forget(inode, count)
+            self.view.forget(inode, count)
+            if inode not in self.view.table.nodes:
+                self._replies.pop(inode, None)
 
     @boundary
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -212,16 +218,16 @@ class UnionOperations(pyfuse3.Operations):
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
         )
-        await self.union.setattr(node, attrs, handle.fd if handle else None)
+        await self.core.changes.setattr(node, attrs, handle.fd if handle else None)
         return self._attrs(node)
 
     @boundary
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        return self.union.readlink(self._node(inode))
+        return self.view.readlink(self._node(inode))
 
     @boundary
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        sv = self.union.statvfs()
+        sv = self.view.statvfs()
         data = pyfuse3.StatvfsData()
         data.f_bsize = sv.f_bsize
         data.f_frsize = sv.f_frsize
@@ -245,102 +251,94 @@ class UnionOperations(pyfuse3.Operations):
     @boundary
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        node = await self.union.mkdir(self._node(parent_inode), name, mode, self._caller(ctx))
+        node = await self.core.changes.mkdir(self._node(parent_inode), name, mode, self._caller(ctx))
         return self._reply_entry(node)
 
     @boundary
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        node = await self.union.mknod(self._node(parent_inode), name, mode, rdev,
-                                      self._caller(ctx))
+        node = await self.core.changes.mknod(self._node(parent_inode), name, mode, rdev,
+                                             self._caller(ctx))
         return self._reply_entry(node)
 
     @boundary
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        node = await self.union.symlink(self._node(parent_inode), name, target,
-                                        self._caller(ctx))
+        node = await self.core.changes.symlink(self._node(parent_inode), name, target,
+                                               self._caller(ctx))
         return self._reply_entry(node)
 
     @boundary
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        node = await self.union.link(self._node(inode), self._node(new_parent_inode), new_name)
+        node = await self.core.changes.link(self._node(inode), self._node(new_parent_inode),
+                                            new_name)
         return self._reply_entry(node)
 
     @boundary
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self.union.unlink(self._node(parent_inode), name)
+        await self.core.removal.unlink(self._node(parent_inode), name)
 
     @boundary
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self.union.rmdir(self._node(parent_inode), name)
+        await self.core.removal.rmdir(self._node(parent_inode), name)
 
     @boundary
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
-        await self.union.rename(self._node(parent_inode_old), name_old,
-                                self._node(parent_inode_new), name_new, flags)
+        await self.core.removal.rename(self._node(parent_inode_old), name_old,
+                                       self._node(parent_inode_new), name_new, flags)
 
     # ------------------------------------------------------------ files
 
     def _file_info(self, node: Node, fd: int) -> pyfuse3.FileInfo:
-        node.open_fds.append(fd)
-        fh = self.handles.add_file(FileHandle(fd, node, self.union.data_source(node)))
+        fh = self.handles.add_file(FileHandle(node, fd, self.view.data_source(node)))
         # Every change to a file's data goes through us: its cached pages stay valid.
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @boundary
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._node(inode)
-        fd = await self.union.open(node, flags)
+        fd = await self.core.changes.open(node, flags)
         return self._file_info(node, fd)
 
     @boundary
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        node, fd = await self.union.create(self._node(parent_inode), name, mode, flags,
-                                           self._caller(ctx))
+        node, fd = await self.core.changes.create(self._node(parent_inode), name, mode, flags,
+                                                  self._caller(ctx))
         return self._file_info(node, fd), self._reply_entry(node)
 
     @boundary
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self.handles.files[fh]
-        if handle.layer is not self.union.data_source(handle.node) and not handle.node.unlinked:
-            # Copied up since this (read-only) fd was opened: read the upper copy, as
-            # the kernel's overlayfs does.
-            fd = self.union.reopen(handle.node, handle.fd)
-            handle.node.open_fds[handle.node.open_fds.index(handle.fd)] = fd
-            os.close(handle.fd)
-            handle.fd, handle.layer = fd, self.union.data_source(handle.node)
-        return os.pread(handle.fd, size, off)
+        fd = handle.fd_for(self.view.data_source(handle.node), self.view.reopen)
+        return os.pread(fd, size, off)
 
     @boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self.handles.files[fh]
-        handle.node.touched()
+        handle.node.changed()
         return os.pwrite(handle.fd, buf, off)
 
     @boundary
     async def fsync(self, fh: int, datasync: bool) -> None:
-        if not self.union.fsync:
+        if not self.core.copier.fsync:
             return  # -o fsync=0 / volatile: the caller accepted losing data on a crash
         fd = self.handles.files[fh].fd
         await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
 
     @boundary
     async def release(self, fh: int) -> None:
-        handle = self.handles.files.pop(fh)
-        handle.node.open_fds.remove(handle.fd)
-        os.close(handle.fd)
+        self.handles.files.pop(fh).close()
 
     # ------------------------------------------------------------ directories
 
     @boundary
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         node = self._node(inode)
-        return self.handles.add_dir(DirHandle(node, list(self.union.listing(node).values())))
+        return self.handles.add_dir(DirHandle(node, list(self.view.listing(node).values())))
 
     @boundary
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
@@ -349,7 +347,7 @@ class UnionOperations(pyfuse3.Operations):
         if start_id == 0:
             # Offsets index a snapshot taken at opendir or at a rewind, so they stay
             # valid while entries come and go (telldir/seekdir).
-            handle.entries = list(self.union.listing(node).values())
+            handle.entries = list(self.view.listing(node).values())
         position = start_id
         while position < 2:
             dot = node if position == 0 else (node.parent or node)
@@ -360,7 +358,7 @@ class UnionOperations(pyfuse3.Operations):
             position += 1
         for index in range(position - 2, len(handle.entries)):
             entry = handle.entries[index]
-            listed = self.union.child_for_listing(node, entry)
+            listed = self.view.child_for_listing(node, entry)
             if listed is None:
                 continue
             child, st = listed
@@ -370,7 +368,7 @@ class UnionOperations(pyfuse3.Operations):
                 continue
             if not pyfuse3.readdir_reply(token, entry.name, attrs, index + 3):
                 return
-            self.union.table.remember(child)
+            self.view.table.remember(child)
 
     @boundary
     async def releasedir(self, fh: int) -> None:
@@ -384,18 +382,18 @@ class UnionOperations(pyfuse3.Operations):
 
     @boundary
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        return self.union.getxattr(self._node(inode), os.fsdecode(name))
+        return self.view.getxattr(self._node(inode), os.fsdecode(name))
 
     @boundary
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        return [os.fsencode(name) for name in self.union.listxattr(self._node(inode))]
+        return [os.fsencode(name) for name in self.view.listxattr(self._node(inode))]
 
     @boundary
     async def setxattr(self, inode: int, name: bytes, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
-        await self.union.setxattr(self._node(inode), os.fsdecode(name), value)
+        await self.core.changes.setxattr(self._node(inode), os.fsdecode(name), value)
 
     @boundary
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self.union.removexattr(self._node(inode), os.fsdecode(name))
+        await self.core.changes.removexattr(self._node(inode), os.fsdecode(name))
 

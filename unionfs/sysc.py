@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import stat
 
 RENAME_NOREPLACE = 1 << 0
 RENAME_EXCHANGE = 1 << 1
@@ -56,3 +57,28 @@ def at_path(dir_fd: int, name: bytes) -> bytes:
     followed, so this is as safe as a dir_fd call and costs one syscall.
     """
     return b"/proc/self/fd/%d/%s" % (dir_fd, name)
+
+
+def fd_path(fd: int) -> bytes:
+    """A path naming what *fd* (an O_PATH fd, say) refers to, for linkat through it."""
+    return b"/proc/self/fd/%d" % fd
+
+
+def remove_at(dir_fd: int, name: bytes) -> None:
+    """Remove the entry *name* of the directory open at *dir_fd*, a directory with all
+    it holds; never follows a symlink. Nothing there is no error."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=dir_fd)
+        try:
+            for entry in os.listdir(fd):
+                remove_at(fd, os.fsencode(entry))
+        finally:
+            os.close(fd)
+        os.rmdir(name, dir_fd=dir_fd)
+    else:
+        os.unlink(name, dir_fd=dir_fd)

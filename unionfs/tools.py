@@ -1,5 +1,5 @@
 """The offline subcommands: arguments, output and exit codes; the work is done in
-`unionfs.inspect` (inspect, diff) and `unionfs.ocilayer` (export, import).
+`unionfs.report` (inspect), `unionfs.diff`, `unionfs.ociexport` and `unionfs.ociimport`.
 
     unionmount inspect LAYERS [--upper U] [PATH] [--json]
     unionmount diff LAYERS --upper U
@@ -22,10 +22,10 @@ import time
 from collections.abc import Callable, Iterator
 from typing import BinaryIO, NoReturn
 
-from unionfs import inspect as inspection
-from unionfs import ocilayer
+from unionfs import diff, ociexport, ociimport, report
 from unionfs.config import ConfigError, check_dir, parse_layers
-from unionfs.layers import Layer
+from unionfs.layers import Layer, Stack, open_stack
+from unionfs.merged import EntryType
 
 #: Below this much file data, export shows no progress bar.
 PROGRESS_MIN_BYTES = 64 << 20
@@ -52,7 +52,7 @@ def main(argv: list[str]) -> int:
     except ConfigError as exc:
         print(f"unionmount: {exc}", file=sys.stderr)
         return exc.exitcode
-    except ocilayer.LayerError as exc:
+    except ociimport.LayerError as exc:
         print(f"unionmount: {command}: {exc}", file=sys.stderr)
         return exc.exitcode
     except BrokenPipeError:
@@ -86,7 +86,7 @@ def _layers_argument(parser: argparse.ArgumentParser, upper_required: bool) -> N
     parser.add_argument("--upper", required=upper_required, help="the writable layer")
 
 
-def _open(args: argparse.Namespace) -> inspection.Stack:
+def _open(args: argparse.Namespace) -> Stack:
     lowers = parse_layers(args.layers)
     if not lowers:
         raise ConfigError("no lower layer given")
@@ -94,7 +94,7 @@ def _open(args: argparse.Namespace) -> inspection.Stack:
         check_dir("layer", layer)
     if args.upper is not None:
         check_dir("upper", args.upper)
-    return inspection.open_stack(lowers, args.upper)
+    return open_stack(lowers, args.upper)
 
 
 def _out() -> BinaryIO:
@@ -115,12 +115,12 @@ def _inspect(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON")
     args = parser.parse_intermixed_args(argv)
     with _open(args) as stack:
-        report = inspection.inspect(stack, os.fsencode(args.path))
+        result = report.inspect(stack, os.fsencode(args.path))
     out = _out()
     if args.json:
-        out.write(json.dumps(_report_json(report), indent=2).encode() + b"\n")
+        out.write(json.dumps(_report_json(result), indent=2).encode() + b"\n")
     else:
-        out.writelines(_report_lines(report))
+        out.writelines(_report_lines(result))
     out.flush()
     return 0
 
@@ -129,9 +129,9 @@ def _label(layer: Layer) -> bytes:
     return os.fsencode(layer.label)
 
 
-def _report_lines(report: inspection.Report) -> Iterator[bytes]:
-    for entry in report.entries:
-        size = b"-" if entry.kind == "dir" else b"%d" % entry.size
+def _report_lines(result: report.Report) -> Iterator[bytes]:
+    for entry in result.entries:
+        size = b"-" if entry.kind is EntryType.DIR else b"%d" % entry.size
         notes = b"  opaque" if entry.opaque else b""
         if entry.data_layer is not None:
             notes += b"  data: " + _label(entry.data_layer)
@@ -139,28 +139,29 @@ def _report_lines(report: inspection.Report) -> Iterator[bytes]:
             notes += b"  merges: " + b" ".join(_label(layer) for layer in entry.merges)
         if entry.shadows:
             notes += b"  shadows: " + b" ".join(
-                h.kind.encode() + b"@" + _label(h.layer) for h in entry.shadows)
-        yield b"%-8s %12s  %s  %s%s\n" % (entry.kind.encode(), size, _label(entry.layer),
+                h.kind.value.encode() + b"@" + _label(h.layer) for h in entry.shadows)
+        yield b"%-8s %12s  %s  %s%s\n" % (entry.kind.value.encode(), size,
+                                         _label(entry.layer),
                                          entry.path, notes)
-    if report.entries:
+    if result.entries:
         yield b"\n"
-    for t in report.totals:
+    for t in result.totals:
         yield (b"%s: added %s, changed %s, deleted %s; %d bytes wasted\n"
                % (_label(t.layer), _count(t.added), _count(t.changed), _count(t.deleted),
                   t.wasted))
 
 
-def _count(count: inspection.Count) -> bytes:
+def _count(count: report.Count) -> bytes:
     files = b"file" if count.files == 1 else b"files"
     return b"%d %s (%d bytes)" % (count.files, files, count.bytes)
 
 
-def _report_json(report: inspection.Report) -> dict[str, object]:
-    def counts(count: inspection.Count) -> dict[str, int]:
+def _report_json(result: report.Report) -> dict[str, object]:
+    def counts(count: report.Count) -> dict[str, int]:
         return {"files": count.files, "bytes": count.bytes}
 
     return {
-        "path": os.fsdecode(report.path),
+        "path": os.fsdecode(result.path),
         "layers": [{
             "index": t.layer.index,
             "layer": t.layer.label,
@@ -169,17 +170,17 @@ def _report_json(report: inspection.Report) -> dict[str, object]:
             "changed": counts(t.changed),
             "deleted": counts(t.deleted),
             "wasted_bytes": t.wasted,
-        } for t in report.totals],
+        } for t in result.totals],
         "entries": [{
             "path": os.fsdecode(e.path),
-            "type": e.kind,
+            "type": e.kind.value,
             "size": e.size,
             "layer": e.layer.label,
             "opaque": e.opaque,
             "data_layer": None if e.data_layer is None else e.data_layer.label,
             "merges": [layer.label for layer in e.merges],
-            "shadows": [{"layer": h.layer.label, "kind": h.kind} for h in e.shadows],
-        } for e in report.entries],
+            "shadows": [{"layer": h.layer.label, "kind": h.kind.value} for h in e.shadows],
+        } for e in result.entries],
     }
 
 
@@ -196,7 +197,7 @@ def _diff(argv: list[str]) -> int:
                              "/sys, /run, /etc/hosts, /etc/hostname, /etc/resolv.conf, ...)")
     args = parser.parse_args(argv)
     with _open(args) as stack:
-        changes = inspection.diff(stack, () if args.all else inspection.PODMAN_HIDDEN)
+        changes = diff.diff(stack, () if args.all else diff.PODMAN_HIDDEN)
     out = _out()
     out.writelines(change.line() + b"\n" for change in changes)
     out.flush()
@@ -216,19 +217,19 @@ def _export(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     with _open(args) as stack:
         if args.output == "-":
-            result = ocilayer.export_layer(stack, _out(), progress=_progress_bar())
-            report = sys.stderr
+            result = ociexport.export_layer(stack, _out(), progress=_progress_bar())
+            where = sys.stderr
         else:
             result = _export_to_file(stack, args.output)
-            report = sys.stdout
+            where = sys.stdout
     for path in result.skipped:
         print(f"unionmount: warning: {os.fsdecode(path)}: a socket, not exported",
               file=sys.stderr)
-    print(result.diff_id, file=report)
+    print(result.diff_id, file=where)
     return 0
 
 
-def _export_to_file(stack: inspection.Stack, output: str) -> ocilayer.Exported:
+def _export_to_file(stack: Stack, output: str) -> ociexport.Exported:
     """Export into a temporary file beside *output*, renamed over it once complete."""
     directory = os.path.dirname(os.path.abspath(output))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".unionmount-export-")
@@ -238,7 +239,7 @@ def _export_to_file(stack: inspection.Stack, output: str) -> ocilayer.Exported:
         os.fchmod(fd, 0o666 & ~umask)
         with open(fd, "wb") as sink:
             compress = output.endswith((".gz", ".tgz"))
-            result = ocilayer.export_layer(stack, sink, compress=compress,
+            result = ociexport.export_layer(stack, sink, compress=compress,
                                            progress=_progress_bar())
             os.fsync(sink.fileno())
         os.replace(tmp, output)
@@ -249,7 +250,7 @@ def _export_to_file(stack: inspection.Stack, output: str) -> ocilayer.Exported:
     return result
 
 
-def _progress_bar() -> ocilayer.Progress | None:
+def _progress_bar() -> ociexport.Progress | None:
     if not sys.stderr.isatty():
         return None
     return _Bar()
@@ -302,14 +303,14 @@ def _import(argv: list[str]) -> int:
                                  "or empty layer directory.")
     parser.add_argument("archive", metavar="LAYER.TAR", help="the layer (- for stdin)")
     parser.add_argument("dest", metavar="DIR", help="the layer directory to create or fill")
-    parser.add_argument("--format", choices=[f.value for f in ocilayer.Format],
-                        default=ocilayer.Format.OCI.value,
-                        help="oci (default): keep .wh. markers; overlay: the kernel's "
+    parser.add_argument("--format", choices=[f.value for f in ociimport.Format],
+                        default=ociimport.Format.OCI.value,
+                        help="oci (default): keep the OCI whiteout markers; overlay: the kernel's "
                              "whiteouts and opaque xattrs (needs root)")
     args = parser.parse_args(argv)
-    fmt = ocilayer.Format(args.format)
+    fmt = ociimport.Format(args.format)
     with _archive(args.archive) as src:
-        result = ocilayer.import_layer(src, args.dest, fmt)
+        result = ociimport.import_layer(src, args.dest, fmt)
     for warning in result.warnings:
         print(f"unionmount: warning: {warning}", file=sys.stderr)
     return 0

@@ -1,28 +1,30 @@
-"""The only module that knows the on-disk markers of a union.
+"""The only module that knows the on-disk markers of a union, and its hiding rules.
 
 Written (kernel overlayfs format, so the kernel can mount our upper):
   - whiteout: a character device 0/0 under the deleted name;
-  - opaque directory: the xattr ``trusted.overlay.opaque=y``.
+  - opaque directory: the xattr ``trusted.overlay.opaque=y``;
+  - metadata-only file: the xattr ``trusted.overlay.metacopy`` on a sparse file.
 
 Read, in every layer (lowers and upper):
   - char device 0/0;
   - OCI ``.wh.NAME`` (a regular file that hides NAME in the layers below);
   - opaque: ``trusted.overlay.opaque``, ``user.overlay.opaque``,
-    ``user.fuseoverlayfs.opaque`` set to ``y``, or a ``.wh..wh..opq`` entry inside.
+    ``user.fuseoverlayfs.opaque`` set to ``y``, or a ``.wh..wh..opq`` entry inside;
+  - metadata-only: ``trusted.overlay.metacopy`` or ``user.overlay.metacopy``; its data
+    is in a layer below, at the same path or at the one its ``overlay.redirect`` xattr
+    names (read, never written).
 
-Metadata-only copy-up (kernel ``metacopy=on`` format): a regular file with the xattr
-``trusted.overlay.metacopy`` (written; ``user.overlay.metacopy`` is read too) holds the
-entry's metadata and its size (sparse); its data is in a layer below, at the same path
-or at the one its ``overlay.redirect`` xattr names (read, never written). Such files
-are read in every layer: an upper stacked again as a lower keeps them.
-
-Markers never show in the merged view: `is_marker_name` and `is_internal_xattr`
-say what to hide. Every function works on a directory fd and never follows a
-symlink (a layer is untrusted data).
+The hiding rules, one set for the live view, inspection and OCI export
+(`read_layer_dir`): a whiteout (either kind) hides its name in the layers below, never
+in its own layer; marker names (every ``.wh.`` name, aufs's ``.wh..wh.*`` bookkeeping
+included) are never entries. Markers never show in the merged view: `is_marker_name`
+and `is_internal_xattr` say what to hide. Every function works on a directory fd and
+never follows a symlink (a layer is untrusted data).
 """
 
 from __future__ import annotations
 
+import enum
 import errno
 import os
 import stat
@@ -31,8 +33,10 @@ from dataclasses import dataclass
 
 from unionfs.sysc import RENAME_WHITEOUT, at_path, renameat2
 
-WH_PREFIX = b".wh."
-OPAQUE_MARKER = b".wh..wh..opq"
+_WH_PREFIX = b".wh."
+_OPAQUE_MARKER = b".wh..wh..opq"
+#: aufs bookkeeping (``.wh..wh.plnk`` and the like): neither a whiteout nor an entry.
+_AUFS_META = b".wh..wh."
 
 OPAQUE_XATTRS = (
     "trusted.overlay.opaque",
@@ -60,31 +64,116 @@ INTERNAL_XATTR_PREFIXES = (
 )
 
 
+# --------------------------------------------------------------------------- predicates
+
+
 def is_whiteout(st: os.stat_result) -> bool:
     """True for a kernel-format whiteout: a character device with rdev 0/0."""
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
+def is_whiteout_request(mode: int, rdev: int) -> bool:
+    """True when a mknod of *mode* and *rdev* would make a whiteout (refused through the
+    union: it would delete, not create)."""
+    return stat.S_ISCHR(mode) and rdev == 0
+
+
 def is_marker_name(name: bytes) -> bool:
     """True for names reserved by OCI layers (``.wh.*``): never listed, never created."""
-    return name.startswith(WH_PREFIX)
-
-
-def oci_whiteout_name(name: bytes) -> bytes:
-    """The OCI marker name that hides *name*."""
-    return WH_PREFIX + name
-
-
-def whited_out_name(marker: bytes) -> bytes | None:
-    """The name an OCI marker hides, or None for the opaque marker and other names."""
-    if marker == OPAQUE_MARKER or not marker.startswith(WH_PREFIX):
-        return None
-    return marker[len(WH_PREFIX) :]
+    return name.startswith(_WH_PREFIX)
 
 
 def is_internal_xattr(name: str) -> bool:
     """True for xattrs that carry the union's own bookkeeping (hidden from the merged view)."""
     return name.startswith(INTERNAL_XATTR_PREFIXES)
+
+
+# --------------------------------------------------------------------------- OCI names
+
+
+def oci_whiteout_name(name: bytes) -> bytes:
+    """The OCI marker name that hides *name*."""
+    return _WH_PREFIX + name
+
+
+#: The OCI marker that makes its directory opaque.
+OCI_OPAQUE_NAME = _OPAQUE_MARKER
+
+
+class OciName(enum.Enum):
+    """What a ``.wh.`` name in an OCI layer is."""
+
+    WHITEOUT = "whiteout"  # hides the name after the prefix
+    OPAQUE = "opaque"  # makes its directory opaque
+    AUFS = "aufs"  # aufs bookkeeping, to be skipped
+    BAD = "bad"  # a marker that names nothing (``.wh.``, ``.wh..``)
+
+
+def classify_oci_name(name: bytes) -> OciName | None:
+    """What the marker *name* is; None for an ordinary name."""
+    if not name.startswith(_WH_PREFIX):
+        return None
+    if name == _OPAQUE_MARKER:
+        return OciName.OPAQUE
+    if name.startswith(_AUFS_META):
+        return OciName.AUFS
+    if whited_out_name(name) is None:
+        return OciName.BAD
+    return OciName.WHITEOUT
+
+
+def whited_out_name(marker: bytes) -> bytes | None:
+    """The name an OCI whiteout hides; None for other names and other markers."""
+    if not marker.startswith(_WH_PREFIX) or marker.startswith(_AUFS_META):
+        return None
+    target = marker[len(_WH_PREFIX):]
+    return None if target in (b"", b".", b"..") else target
+
+
+def hidden_temp_name(base: bytes) -> bytes:
+    """A temporary name for an entry built beside its final name: a marker name, so
+    never listed and never creatable through the union while it exists."""
+    return _WH_PREFIX + base
+
+
+# --------------------------------------------------------------------------- hiding rules
+
+
+@dataclass(frozen=True)
+class LayerDir:
+    """What one layer's directory holds, by the hiding rules: its own entries (name ->
+    whether it is a directory) and the names it hides in the layers below it."""
+
+    entries: dict[bytes, bool]
+    hidden: frozenset[bytes]
+
+
+def read_layer_dir(fd: int) -> LayerDir:
+    """The entries and whiteouts of the directory open at *fd* (one scandir; an lstat
+    only for entries whose d_type a whiteout could have)."""
+    entries: dict[bytes, bool] = {}
+    hidden: set[bytes] = set()
+    # os.scandir on an fd works on its own dup and rewinds it when done; it yields str
+    # names, and os.fsencode gives back the exact bytes.
+    with os.scandir(fd) as it:
+        for entry in it:
+            name = os.fsencode(entry.name)
+            if name.startswith(_WH_PREFIX):
+                target = whited_out_name(name)
+                if target is not None:
+                    hidden.add(target)
+                continue
+            is_dir = entry.is_dir(follow_symlinks=False)
+            if not (is_dir or entry.is_file(follow_symlinks=False) or entry.is_symlink()):
+                try:
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if is_whiteout(st):
+                    hidden.add(name)
+                    continue
+            entries[name] = is_dir
+    return LayerDir(entries, frozenset(hidden))
 
 
 def is_opaque_fd(dir_fd: int) -> bool:
@@ -108,7 +197,7 @@ def is_opaque_fd(dir_fd: int) -> bool:
                 if exc.errno not in (errno.ENODATA, errno.EPERM, errno.EACCES):
                     raise
     try:
-        os.stat(OPAQUE_MARKER, dir_fd=dir_fd, follow_symlinks=False)
+        os.stat(_OPAQUE_MARKER, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return False
     return True
@@ -117,7 +206,7 @@ def is_opaque_fd(dir_fd: int) -> bool:
 def has_oci_whiteout(dir_fd: int, name: bytes) -> bool:
     """True when the directory at *dir_fd* holds an OCI ``.wh.NAME`` marker for *name*."""
     try:
-        os.stat(WH_PREFIX + name, dir_fd=dir_fd, follow_symlinks=False)
+        os.stat(_WH_PREFIX + name, dir_fd=dir_fd, follow_symlinks=False)
     except (FileNotFoundError, NotADirectoryError):
         return False
     except OSError as exc:
@@ -125,6 +214,18 @@ def has_oci_whiteout(dir_fd: int, name: bytes) -> bool:
             return False
         raise
     return True
+
+
+def remove_oci_whiteout(dir_fd: int, name: bytes) -> None:
+    """Remove the OCI marker for *name* from *dir_fd*, if there is one (the name is
+    about to be an entry of this layer)."""
+    try:
+        os.unlink(_WH_PREFIX + name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+
+
+# --------------------------------------------------------------------------- writing
 
 
 def make_whiteout(dir_fd: int, name: bytes) -> None:
@@ -157,6 +258,9 @@ def clear_opaque(fd: int) -> None:
         except OSError as exc:
             if exc.errno not in (errno.ENODATA, errno.ENOTSUP):
                 raise
+
+
+# --------------------------------------------------------------------------- metacopy
 
 
 def is_metacopy(dir_fd: int, name: bytes) -> bool:
@@ -200,8 +304,11 @@ def clear_metacopy(fd: int) -> None:
                 raise
 
 
+# --------------------------------------------------------------------------- the probe
+
+
 #: The xattr the probe sets to learn whether the filesystem holds trusted xattrs.
-_PROBE_XATTR = "trusted.overlay.opaque"
+_PROBE_XATTR = OPAQUE_XATTR
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,298 @@
+"""Changes that make or alter entries: create, mkdir, mknod, symlink, link (over
+whiteouts), setattr, xattr writes, and open (for writing: a copy-up first).
+
+Removing and moving entries is `removal.py`. Both change the disk only in the upper
+(after `copyup.CopyUp` has brought what they change there) and tell the view
+(`union.Union`) what they did. Atomicity (trio): between awaits a method runs without
+interruption; its awaits are copy-ups, after which it looks again at what it checked.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from unionfs import whiteout
+from unionfs.copyup import CopyUp, Data, temp_name
+from unionfs.inodes import Node
+from unionfs.layers import Found, lstat_at, open_dir_at
+from unionfs.sysc import RENAME_EXCHANGE, fd_path, remove_at, renameat2
+from unionfs.union import VIRTUAL_XATTRS, Union, error
+
+#: The mode bits chown(2) clears on a non-directory: set again after it. (The kernel
+#: already dropped S_ISGID from a new entry's mode where the caller may not have it.)
+_SETID = stat.S_ISUID | stat.S_ISGID
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who asks: the owner of what they create."""
+
+    uid: int
+    gid: int
+
+
+@dataclass(frozen=True)
+class SetAttrs:
+    """What a setattr changes; None means unchanged."""
+
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    size: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+
+
+class Changes:
+    """Entries made and changed in the upper of a `Union`."""
+
+    def __init__(self, view: Union, copier: CopyUp) -> None:
+        self.view = view
+        self.copier = copier
+
+    # ---------------------------------------------------------------- creating
+
+    async def _prepare_create(self, parent: Node, name: bytes) -> None:
+        view = self.view
+        view.need_upper()
+        view.check_new_name(name)
+        if view.lookup(parent, name) is not None:
+            raise error(errno.EEXIST, name)
+        if parent.layer is not view.upper:
+            await self.copier.copy_up(parent)
+            if view.lookup(parent, name) is not None:  # created while we copied up
+                raise error(errno.EEXIST, name)
+
+    def _owner(self, parent: Node, caller: Caller) -> tuple[int, int, bool]:
+        pst = os.fstat(self.view.upper_fd(parent))
+        setgid = bool(pst.st_mode & stat.S_ISGID)
+        return caller.uid, (pst.st_gid if setgid else caller.gid), setgid
+
+    def _place(self, parent: Node, name: bytes, build: Callable[[int, bytes], None],
+               is_dir: bool) -> None:
+        """Create *name* in the upper of *parent* with *build(dir_fd, name)*.
+
+        Over a whiteout, the entry is built in the workdir first and renamed into
+        place, so the name is never visible half-made; a directory that replaces a
+        whiteout is made opaque, so the lower directory it deletes stays deleted.
+        """
+        work_fd = self.copier.work_fd
+        parent_fd = self.view.upper_fd(parent)
+        existing = lstat_at(parent_fd, name)
+        marker = whiteout.has_oci_whiteout(parent_fd, name)
+        if existing is None and not marker:
+            build(parent_fd, name)
+            return
+        # Built in the workdir; beside its name when the parent has a default ACL, for
+        # the entry to inherit it (under a name never visible, never creatable).
+        if _has_default_acl(parent_fd):
+            build_fd, tmp = parent_fd, whiteout.hidden_temp_name(temp_name())
+        else:
+            build_fd, tmp = work_fd, temp_name()
+        build(build_fd, tmp)
+        try:
+            if is_dir:
+                fd = open_dir_at(build_fd, tmp)
+                try:
+                    whiteout.set_opaque(fd)
+                finally:
+                    os.close(fd)
+            if existing is not None and is_dir:
+                renameat2(build_fd, tmp, parent_fd, name, RENAME_EXCHANGE)
+            else:
+                os.rename(tmp, name, src_dir_fd=build_fd, dst_dir_fd=parent_fd)
+        finally:
+            remove_at(build_fd, tmp)
+        if marker:
+            whiteout.remove_oci_whiteout(parent_fd, name)
+
+    def _new_node(self, parent: Node, name: bytes, is_dir: bool = False) -> Node:
+        """The node of an entry just made in the upper. A new directory never merges with
+        a lower one: the name was free below, or hidden, or it was made opaque."""
+        view = self.view
+        upper = view.need_upper()
+        view.entry_changed(parent, name, is_dir)
+        st = os.stat(name, dir_fd=view.upper_fd(parent), follow_symlinks=False)
+        return view.node_for(parent, name, Found(upper, st, (upper,) if is_dir else ()))
+
+    async def create(self, parent: Node, name: bytes, mode: int, flags: int,
+                     caller: Caller) -> tuple[Node, int]:
+        """Create a regular file and open it; returns the node and the open fd."""
+        await self._prepare_create(parent, name)
+        uid, gid, _ = self._owner(parent, caller)
+        access = flags & os.O_ACCMODE
+        perm = stat.S_IMODE(mode)  # the kernel applied the umask
+        opened: list[int] = []
+
+        def build(dir_fd: int, entry: bytes) -> None:
+            fd = os.open(entry, os.O_CREAT | os.O_EXCL | access | os.O_CLOEXEC, perm,
+                         dir_fd=dir_fd)
+            opened.append(fd)
+            os.fchown(fd, uid, gid)
+            if perm & _SETID:
+                os.fchmod(fd, perm)  # chown cleared them
+
+        try:
+            self._place(parent, name, build, is_dir=False)
+        except BaseException:
+            for fd in opened:
+                os.close(fd)
+            raise
+        return self._new_node(parent, name), opened[0]
+
+    async def mkdir(self, parent: Node, name: bytes, mode: int, caller: Caller) -> Node:
+        await self._prepare_create(parent, name)
+        uid, gid, setgid = self._owner(parent, caller)
+        perm = stat.S_IMODE(mode)  # the kernel applied the umask
+
+        def build(dir_fd: int, entry: bytes) -> None:
+            # Created with its mode (a default ACL of the parent needs it to compute the
+            # new ACL), then given its owner; chown clears no bit of a directory.
+            os.mkdir(entry, perm, dir_fd=dir_fd)
+            os.chown(entry, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+            if setgid or stat.S_IMODE(os.stat(entry, dir_fd=dir_fd).st_mode) != perm:
+                os.chmod(entry, perm | (stat.S_ISGID if setgid else 0), dir_fd=dir_fd,
+                         follow_symlinks=False)
+
+        self._place(parent, name, build, is_dir=True)
+        return self._new_node(parent, name, is_dir=True)
+
+    async def mknod(self, parent: Node, name: bytes, mode: int, rdev: int,
+                    caller: Caller) -> Node:
+        if whiteout.is_whiteout_request(mode, rdev):
+            raise error(errno.EPERM, name)  # it would delete, not create
+        await self._prepare_create(parent, name)
+        uid, gid, _ = self._owner(parent, caller)
+        perm = stat.S_IMODE(mode)  # the kernel applied the umask
+
+        def build(dir_fd: int, entry: bytes) -> None:
+            os.mknod(entry, stat.S_IFMT(mode) | perm, rdev, dir_fd=dir_fd)
+            os.chown(entry, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+            if perm & _SETID:
+                os.chmod(entry, perm, dir_fd=dir_fd, follow_symlinks=False)  # chown cleared
+
+        self._place(parent, name, build, is_dir=False)
+        return self._new_node(parent, name)
+
+    async def symlink(self, parent: Node, name: bytes, target: bytes, caller: Caller) -> Node:
+        await self._prepare_create(parent, name)
+        uid, gid, _ = self._owner(parent, caller)
+
+        def build(dir_fd: int, entry: bytes) -> None:
+            os.symlink(target, entry, dir_fd=dir_fd)
+            os.chown(entry, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+
+        self._place(parent, name, build, is_dir=False)
+        return self._new_node(parent, name)
+
+    async def link(self, node: Node, parent: Node, name: bytes) -> Node:
+        if node.is_dir:
+            raise error(errno.EPERM, name)
+        await self._prepare_create(parent, name)
+        await self.copier.settle(node)
+        await self.copier.copy_up(node)
+        src_dir, src_name = self.view.location(node)
+        # Link through an O_PATH fd: the source's own dir fd may be evicted meanwhile.
+        src = os.open(src_name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir)
+        try:
+            def build(dir_fd: int, entry: bytes) -> None:
+                os.link(fd_path(src), entry, dst_dir_fd=dir_fd, follow_symlinks=True)
+
+            self._place(parent, name, build, is_dir=False)
+        finally:
+            os.close(src)
+        self.view.entry_changed(parent, name, False)
+        node.changed()
+        self.view.table.link(node, parent, name)
+        return node
+
+    # ---------------------------------------------------------------- changing
+
+    async def setattr(self, node: Node, attrs: SetAttrs, fd: int | None) -> None:
+        node.changed()
+        if node.parent is not None:
+            if attrs.size is None:
+                data = Data.LATER
+            else:
+                data = Data.DROP if attrs.size == 0 else Data.COPY
+            await self.copier.copy_up(node, data)
+        else:
+            self.view.need_upper()
+        if attrs.size is not None:
+            if fd is not None:
+                os.ftruncate(fd, attrs.size)
+            else:
+                dir_fd, name = self.view.location(node)
+                wfd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+                try:
+                    os.ftruncate(wfd, attrs.size)
+                finally:
+                    os.close(wfd)
+        if attrs.uid is not None or attrs.gid is not None:
+            uid = -1 if attrs.uid is None else attrs.uid
+            gid = -1 if attrs.gid is None else attrs.gid
+            self._at(node, lambda d, n: os.chown(n, uid, gid, dir_fd=d, follow_symlinks=False),
+                     lambda fd_: os.chown(fd_, uid, gid))
+        if attrs.mode is not None:
+            mode = stat.S_IMODE(attrs.mode)
+            self._at(node, lambda d, n: os.chmod(n, mode, dir_fd=d, follow_symlinks=False),
+                     lambda fd_: os.chmod(fd_, mode))
+        if attrs.atime_ns is not None or attrs.mtime_ns is not None:
+            st = self.view.stat(node)
+            times = (st.st_atime_ns if attrs.atime_ns is None else attrs.atime_ns,
+                     st.st_mtime_ns if attrs.mtime_ns is None else attrs.mtime_ns)
+            self._at(node, lambda d, n: os.utime(n, ns=times, dir_fd=d, follow_symlinks=False),
+                     lambda fd_: os.utime(fd_, ns=times))
+
+    def _at(self, node: Node, at: Callable[[int, bytes], None],
+            on_fd: Callable[[int], None]) -> None:
+        """Apply a metadata change to *node*'s entry: by (dir fd, name), or on the
+        directory fd itself for the root."""
+        if node.parent is None:
+            on_fd(self.view.dir_fd(node, node.layer))
+        else:
+            dir_fd, name = self.view.location(node)
+            at(dir_fd, name)
+
+    async def setxattr(self, node: Node, name: str, value: bytes) -> None:
+        self.view.need_upper()
+        if name in VIRTUAL_XATTRS or whiteout.is_internal_xattr(name):
+            raise error(errno.EPERM)
+        await self.copier.copy_up_any(node)
+        self.view.xattr_call(node, os.setxattr, name, value)
+        node.changed()  # ctime, and the mode when it is an ACL
+
+    async def removexattr(self, node: Node, name: str) -> None:
+        self.view.need_upper()
+        if name in VIRTUAL_XATTRS:
+            raise error(errno.EPERM)
+        if whiteout.is_internal_xattr(name):
+            raise error(errno.ENODATA)
+        self.view.getxattr(node, name)  # ENODATA before any copy-up
+        await self.copier.copy_up_any(node)
+        self.view.xattr_call(node, os.removexattr, name)
+        node.changed()
+
+    # ---------------------------------------------------------------- open
+
+    async def open(self, node: Node, flags: int) -> int:
+        """Open *node*: for writing (or O_TRUNC) in the upper, after a copy-up."""
+        if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
+            await self.copier.copy_up(node, Data.DROP if flags & os.O_TRUNC else Data.COPY)
+            if flags & os.O_TRUNC:
+                node.changed()
+        return self.view.open_data(node, flags)
+
+
+def _has_default_acl(dir_fd: int) -> bool:
+    try:
+        os.getxattr(dir_fd, "system.posix_acl_default")
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+            return False
+        raise
+    return True
