@@ -218,12 +218,33 @@ def test_workdir_inside_the_upper(env):
     assert_refused(env, env.args(workdir=wd))
 
 
-def test_upper_cannot_hold_trusted_xattrs(env):
+def test_userxattr_on_an_upper_without_xattrs(env):
     ram = _tmpfs(env, env.tmp / "ramfs", "ramfs")  # ramfs has no xattrs at all
     up = ram / "upper"
     up.mkdir()
-    line = assert_refused(env, env.args(upper=up), upper=up)
-    assert "xattr" in line.lower(), f"the message should say xattrs are the problem: {line}"
+    line = assert_refused(env, [*env.args(upper=up)[:-1], "-o", "userxattr", env.mnt],
+                          upper=up)
+    assert "user xattrs" in line, f"the message should say xattrs are the problem: {line}"
+
+
+def test_an_upper_without_xattrs_gets_opaque_marker_files(env):
+    """Where the upper holds no xattrs at all, opaque directories are marked as
+    fuse-overlayfs marks them: an OCI opaque marker file; the log says so."""
+    ram = _tmpfs(env, env.tmp / "ramfs", "ramfs")
+    up = ram / "upper"
+    up.mkdir()
+    build(env.l1, {"d/old": "old"})
+    r = unionmount(*env.args(upper=up), timeout=30)
+    assert r.returncode == 0, r.stderr
+    try:
+        os.unlink(env.mnt / "d/old")
+        os.rmdir(env.mnt / "d")
+        os.mkdir(env.mnt / "d")
+        assert os.listdir(env.mnt / "d") == []
+    finally:
+        subprocess.run(["fusermount3", "-u", str(env.mnt)], check=True, timeout=30)
+    assert os.listdir(up / "d") == [".wh..wh..opq"]
+    assert "opaque directories get OCI marker files" in (env.tmp / "log").read_text()
 
 
 def test_unknown_option(env):

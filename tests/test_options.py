@@ -111,6 +111,31 @@ def test_uid_and_gid_mapping_on_a_mount(tmp_path: Path) -> None:
         _unmount(mnt)
 
 
+def _acl(path: Path) -> list[str]:
+    r = subprocess.run(["getfacl", "-cn", str(path)], capture_output=True, text=True, check=True)
+    return [line for line in r.stdout.splitlines() if line.startswith(("user:", "group:"))]
+
+
+def test_ids_inside_acls_are_mapped_too(tmp_path: Path) -> None:
+    """uidmapping=/gidmapping= translate the named users and groups of POSIX ACLs both
+    ways, as they translate owners."""
+    lower = build(tmp_path / "l", {"f": File(b"a", uid=1, gid=1)})
+    subprocess.run(["setfacl", "-m", "u:5:rw,g:7:r", str(lower / "f")], check=True)
+    upper, work = tmp_path / "u", tmp_path / "w"
+    upper.mkdir()
+    mnt = _mount(tmp_path, f"lowerdir={lower},upperdir={upper},workdir={work},"
+                           "uidmapping=0:100000:65536,gidmapping=0:200000:65536")
+    try:
+        shown = _acl(mnt / "f")
+        assert "user:100005:rw-" in shown and "group:200007:r--" in shown, shown
+        subprocess.run(["setfacl", "-m", "u:100009:r", str(mnt / "f")], check=True)
+        assert "user:100009:r--" in _acl(mnt / "f")
+    finally:
+        _unmount(mnt)
+    stored = _acl(upper / "f")
+    assert "user:5:rw-" in stored and "user:9:r--" in stored and "group:7:r--" in stored, stored
+
+
 def test_lowerdir_alone_is_read_only_with_one_layer(tmp_path: Path) -> None:
     lower = build(tmp_path / "l", {"f": "x", "d/g": "y"})
     link = tmp_path / "link-to-l"

@@ -98,7 +98,7 @@ class Changes:
             if is_dir:
                 fd = open_dir_at(build_fd, tmp)
                 try:
-                    whiteout.set_opaque(fd)
+                    self.copier.markers.set_opaque(fd)
                 finally:
                     os.close(fd)
             if existing is not None and is_dir:

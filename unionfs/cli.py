@@ -19,6 +19,7 @@ from unionfs.config import (
     ConfigError,
     MountConfig,
     check_fuse,
+    check_unprivileged,
     parse_layers,
     validate,
 )
@@ -32,7 +33,7 @@ SUBCOMMANDS = ("inspect", "diff", "export", "import")
 _UNION_KEYS = {"lowerdir", "upperdir", "workdir"}
 #: fuse-overlayfs keys runtimes pass that need nothing from us.
 _TOLERATED = {"volatile", "fsync", "context", "xattr_permissions", "xattr", "noacl",
-              "redirect_dir", "index", "userxattr", "threaded", "static_nlink",
+              "redirect_dir", "index", "threaded", "static_nlink",
               "plugins", "timeout", "fast_ino"}
 #: Options FUSE itself takes.
 _FUSE_KEYS = {"allow_other", "allow_root", "default_permissions", "no_default_permissions",
@@ -104,7 +105,8 @@ def parse_config(argv: list[str]) -> tuple[MountConfig, argparse.Namespace]:
     fuse: set[str] = set()
     flags: list[str] = []
     fsync = True
-    metacopy = True
+    metacopy: bool | None = None
+    userxattr = False
     ids: dict[str, str] = {}
     for text in args.options:
         for item in split_options(text):
@@ -119,6 +121,8 @@ def parse_config(argv: list[str]) -> tuple[MountConfig, argparse.Namespace]:
                 fsync = False
             elif key == "metacopy" and value in ("on", "off"):
                 metacopy = value == "on"
+            elif item == "userxattr":
+                userxattr = True
             elif key in ("uidmapping", "gidmapping", "squash_to_uid", "squash_to_gid",
                          "squash_to_root"):
                 ids[key] = value
@@ -143,6 +147,7 @@ def parse_config(argv: list[str]) -> tuple[MountConfig, argparse.Namespace]:
     config = MountConfig(lowers=parse_layers(lowers), upper=upper, workdir=workdir,
                          mountpoint=mountpoint, fuse_options=frozenset(fuse),
                          mount_flags=tuple(flags), fsync=fsync, metacopy=metacopy,
+                         userxattr=userxattr,
                          uid_map=_id_map(ids, "uid"), gid_map=_id_map(ids, "gid"))
     return config, args
 
@@ -192,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         config, args = parse_config(argv)
         config = validate(config)
         check_fuse()
+        check_unprivileged(config)
         from unionfs import mount  # pyfuse3 is imported only where it is needed
 
         if args.foreground:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import shutil
 import stat
 from dataclasses import dataclass, field
 
@@ -42,7 +43,11 @@ class MountConfig:
     #: The `MOUNT_FLAGS` asked for with -o, as given (the last of two opposites wins).
     mount_flags: tuple[str, ...] = ()
     fsync: bool = True
-    metacopy: bool = True
+    #: None: on with trusted xattrs, off in the userxattr format (the kernel refuses
+    #: metacopy=on with userxattr)
+    metacopy: bool | None = None
+    #: -o userxattr: write the kernel's unprivileged format even where trusted xattrs work
+    userxattr: bool = False
     uid_map: IdMap = IDENTITY
     gid_map: IdMap = IDENTITY
 
@@ -232,3 +237,41 @@ def check_fuse() -> None:
             raise ConfigError("/dev/fuse: no FUSE support in this kernel") from None
         raise ConfigError(f"/dev/fuse: {exc.strerror}") from None
     os.close(fd)
+
+
+#: Where libfuse 3 runs fusermount3 from first (its FUSERMOUNT_DIR), then $PATH.
+FUSERMOUNT = "/usr/bin/fusermount3"
+FUSE_CONF = "/etc/fuse.conf"
+
+
+def check_unprivileged(config: MountConfig, fuse_conf: str = FUSE_CONF) -> None:
+    """For a user without root (outside a user namespace of their own, where they are
+    root): libfuse mounts through the setuid fusermount3, which refuses what this
+    catches first, each as one clear line."""
+    if os.geteuid() == 0:
+        return
+    program = FUSERMOUNT if os.path.exists(FUSERMOUNT) else shutil.which("fusermount3")
+    if program is None:
+        raise ConfigError("fusermount3 not found: a user without root mounts through it "
+                          "(Debian package fuse3)")
+    st = os.stat(program)
+    if st.st_uid != 0 or not st.st_mode & stat.S_ISUID:
+        raise ConfigError(f"{program}: not setuid root, so it cannot mount for a user "
+                          f"(chmod u+s {program})")
+    mnt = os.stat(config.mountpoint)
+    if mnt.st_uid != os.getuid() and (mnt.st_mode & stat.S_ISVTX
+                                      or not os.access(config.mountpoint, os.W_OK)):
+        raise ConfigError(f"mountpoint {config.mountpoint}: not yours (fusermount3 mounts "
+                          f"only on a directory the user owns or may write to)")
+    asks = any(option.partition("=")[0] == "allow_other" for option in config.fuse_options)
+    if asks and not _user_allow_other(fuse_conf):
+        raise ConfigError(f"allow_other: {fuse_conf} does not have user_allow_other, "
+                          f"so only root may let other users see a FUSE mount")
+
+
+def _user_allow_other(fuse_conf: str) -> bool:
+    try:
+        with open(fuse_conf) as f:
+            return any(line.split("#", 1)[0].strip() == "user_allow_other" for line in f)
+    except FileNotFoundError:
+        return False

@@ -67,8 +67,10 @@ class CopyUp:
     """Copies lower entries of a `Union` into its upper."""
 
     def __init__(self, view: Union, work_fd: int | None, fsync: bool = True,
-                 metacopy: bool = True) -> None:
+                 metacopy: bool = True, markers: whiteout.Markers = whiteout.TRUSTED) -> None:
         self.view = view
+        #: How this upper's markers are written (every change writes them through here).
+        self.markers = markers
         #: The workdir's ``work``; None on a read-only mount, where every change is
         #: refused (`Union.need_upper`) before anything here needs it.
         self._work_fd = work_fd
@@ -181,7 +183,7 @@ class CopyUp:
                          and st.st_nlink == 1 and st.st_size > 0
                          and below.path is None and below.name == node.name)
         if metadata_only:
-            tmp = _metadata_copy(st, self.work_fd)
+            tmp = _metadata_copy(st, self.work_fd, self.markers)
         elif stat.S_ISREG(st.st_mode) and data is not Data.DROP and st.st_size > 0:
             data_dir, data_name = view.data_location(node)
             src = os.open(data_name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -437,8 +439,7 @@ def _make_dir_copy(src_fd: int, st: os.stat_result, work_fd: int) -> bytes:
     try:
         fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=work_fd)
         try:
-            copy_xattrs(src_fd, fd)
-            whiteout.clear_opaque(fd)
+            copy_xattrs(src_fd, fd)  # never the opaque marks: they are the union's own
         finally:
             os.close(fd)
         _set_metadata(work_fd, tmp, st)
@@ -463,14 +464,14 @@ def _empty_copy(src_dir: int, src_name: bytes, st: os.stat_result, work_fd: int)
     return tmp
 
 
-def _metadata_copy(st: os.stat_result, work_fd: int) -> bytes:
+def _metadata_copy(st: os.stat_result, work_fd: int, markers: whiteout.Markers) -> bytes:
     """A metadata-only copy of a regular file: a sparse file of the same size, marked
     metacopy (its data stays below until it is opened for writing)."""
     tmp = temp_name()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=work_fd)
     try:
         os.ftruncate(fd, st.st_size)
-        whiteout.set_metacopy(fd)
+        markers.set_metacopy(fd)
     except BaseException:
         os.close(fd)
         os.unlink(tmp, dir_fd=work_fd)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from unionfs import whiteout
 from unionfs.changes import Changes
 from unionfs.copyup import CopyUp
 from unionfs.layers import Stack
@@ -23,9 +24,9 @@ class Core:
 
 
 def build(stack: Stack, work_fd: int | None, *, fsync: bool = True, metacopy: bool = True,
-          read_only: bool = False) -> Core:
+          read_only: bool = False, markers: whiteout.Markers = whiteout.TRUSTED) -> Core:
     """The parts serving *stack*; *work_fd* (the workdir's ``work``) is None exactly
     when nothing may be written."""
     view = Union(stack.layers, read_only=read_only or work_fd is None)
-    copier = CopyUp(view, work_fd, fsync, metacopy)
+    copier = CopyUp(view, work_fd, fsync, metacopy, markers)
     return Core(view, copier, Changes(view, copier), Removal(view, copier))

@@ -11,6 +11,8 @@ changing the owner then stores the requested id unchanged.
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 OVERFLOW_ID = 65534
@@ -72,3 +74,30 @@ def parse_ranges(text: str) -> tuple[IdRange, ...]:
 
 #: No translation: ids on disk are the ids shown.
 IDENTITY = IdMap()
+
+
+#: The xattrs that hold POSIX ACLs (with uids and gids inside).
+ACL_XATTRS = frozenset({"system.posix_acl_access", "system.posix_acl_default"})
+_ACL_VERSION = 2
+_ACL_USER = 0x02
+_ACL_GROUP = 0x08
+_ACL_ENTRY = struct.Struct("<HHI")
+
+
+def translate_acl(value: bytes, uids: Callable[[int], int],
+                  gids: Callable[[int], int]) -> bytes:
+    """A POSIX ACL xattr value (the kernel's little-endian form: a version, then
+    tag/perm/id entries) with the ids of its named-user and named-group entries mapped
+    by *uids* and *gids*. A value we cannot parse is returned unchanged (the kernel
+    validates what is set)."""
+    if len(value) < 4 or (len(value) - 4) % _ACL_ENTRY.size or \
+            int.from_bytes(value[:4], "little") != _ACL_VERSION:
+        return value
+    out = bytearray(value[:4])
+    for tag, perm, ident in _ACL_ENTRY.iter_unpack(value[4:]):
+        if tag == _ACL_USER:
+            ident = uids(ident)
+        elif tag == _ACL_GROUP:
+            ident = gids(ident)
+        out += _ACL_ENTRY.pack(tag, perm, ident)
+    return bytes(out)

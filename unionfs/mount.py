@@ -10,6 +10,7 @@ SIGTERM and SIGINT unmount cleanly; the server then exits 0.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import os
@@ -46,9 +47,10 @@ _OPPOSITES = (("ro", "rw"), ("suid", "nosuid"), ("dev", "nodev"), ("exec", "noex
               ("symfollow", "nosymfollow"), ("dirsync",))
 
 
-def open_workdir(workdir: str) -> int:
+def open_workdir(workdir: str, userxattr: bool = False) -> tuple[int, whiteout.Markers]:
     """Open the workdir's ``work`` directory (made private, emptied), creating the workdir
-    and ``work`` when missing, and check that the filesystem holds our markers.
+    and ``work`` when missing, and choose how markers are written there: what the
+    filesystem and the caller allow (`choose_markers`).
 
     Everything made here is mode 0700 (the server runs with umask 0). On failure what
     was made is removed again. Raises ConfigError (bad input) or OSError.
@@ -74,7 +76,8 @@ def open_workdir(workdir: str) -> int:
             except BlockingIOError:
                 raise ConfigError(f"workdir {workdir}: in use by another mount") from None
             copyup.clean_workdir(fd)
-            _check_support(workdir, whiteout.probe(fd, copyup.temp_name()))
+            markers = choose_markers(workdir, whiteout.probe(fd, copyup.temp_name()),
+                                     userxattr)
         except BaseException:
             os.close(fd)
             raise
@@ -83,17 +86,37 @@ def open_workdir(workdir: str) -> int:
             with contextlib.suppress(OSError):
                 os.rmdir(directory)
         raise
-    return fd
+    return fd, markers
 
 
-def _check_support(workdir: str, support: whiteout.Support) -> None:
+def choose_markers(workdir: str, support: whiteout.Support,
+                   userxattr: bool) -> whiteout.Markers:
+    """The format of the upper's markers: the kernel's trusted xattrs where we may set
+    them, else (or with ``-o userxattr``) the kernel's userxattr format; where the
+    filesystem holds no xattrs, or no whiteout devices, fuse-overlayfs's OCI marker
+    files (which the kernel cannot read). Raises ConfigError when ``-o userxattr`` was
+    asked for and user xattrs cannot be set."""
     where = f"the filesystem of the upper and workdir {workdir}"
-    if support.trusted_xattrs is not None:
-        raise ConfigError(f"{where} cannot hold trusted xattrs ({support.trusted_xattrs}); "
-                          f"opaque directories need them")
+    if userxattr and support.user_xattrs is not None:
+        raise ConfigError(f"{where} cannot hold user xattrs ({support.user_xattrs}); "
+                          f"-o userxattr needs them")
+    if not userxattr and support.trusted_xattrs is None:
+        markers = whiteout.TRUSTED
+    elif support.user_xattrs is None:
+        markers = whiteout.USERXATTR
+        if not userxattr:
+            log.info("trusted xattrs cannot be set here (%s): writing the userxattr format",
+                     support.trusted_xattrs)
+    else:
+        markers = dataclasses.replace(whiteout.USERXATTR, opaque_files=True)
+        log.warning("%s holds no xattrs (%s): opaque directories get OCI marker files, "
+                    "which the kernel does not read", where, support.user_xattrs)
     if support.whiteout_devices is not None:
-        raise ConfigError(f"{where} cannot hold device nodes ({support.whiteout_devices}); "
-                          f"whiteouts need them")
+        markers = dataclasses.replace(markers, whiteouts=whiteout.WhiteoutKind.OCI)
+        log.warning("%s refuses whiteout devices (%s): whiteouts are OCI marker files, "
+                    "which the kernel does not read", where, support.whiteout_devices)
+    log.info("upper markers: %s", markers.name)
+    return markers
 
 
 def build_core(config: MountConfig) -> core.Core:
@@ -101,15 +124,17 @@ def build_core(config: MountConfig) -> core.Core:
     left open, and no workdir we made is left)."""
     stack = open_stack(config.lowers, config.upper)
     try:
-        work_fd = None
+        work_fd, markers = None, whiteout.TRUSTED
         if not config.read_only:
             assert config.workdir is not None
-            work_fd = open_workdir(config.workdir)
+            work_fd, markers = open_workdir(config.workdir, config.userxattr)
     except BaseException:
         stack.close()
         raise
-    return core.build(stack, work_fd, fsync=config.fsync, metacopy=config.metacopy,
-                      read_only=config.read_only)
+    # The kernel refuses metacopy=on with userxattr: off there, unless asked for.
+    metacopy = config.metacopy if config.metacopy is not None else markers is whiteout.TRUSTED
+    return core.build(stack, work_fd, fsync=config.fsync, metacopy=metacopy,
+                      read_only=config.read_only, markers=markers)
 
 
 def mount_flags(config: MountConfig) -> list[str]:
@@ -119,6 +144,10 @@ def mount_flags(config: MountConfig) -> list[str]:
     given = list(config.mount_flags)
     if os.geteuid() == 0:
         given = ["suid", "dev", *given]
+    elif {"suid", "dev"} & set(given):
+        # fusermount3 mounts nosuid,nodev for every user but root, whatever is asked.
+        log.warning("suid and dev need root: the mount is nosuid,nodev")
+        given = [flag for flag in given if flag not in ("suid", "dev")]
     flags = []
     for group in _OPPOSITES:
         last = next((flag for flag in reversed(given) if flag in group), None)

@@ -51,7 +51,7 @@ class Format(enum.Enum):
 
     #: keep the OCI markers: unionfs and fuse-overlayfs read them
     OCI = "oci"
-    #: the kernel's format (`whiteout.make_whiteout`, `whiteout.set_opaque`); needs root
+    #: the kernel's format (`whiteout.TRUSTED`: char 0/0, trusted xattrs); needs root
     OVERLAY = "overlay"
 
 
@@ -378,15 +378,15 @@ class _Unpacker:
         parent = self._open_dir(directory, create=True)
         try:
             if name is None:
-                whiteout.set_opaque(parent)
+                whiteout.TRUSTED.set_opaque(parent)
                 return
             st = lstat_at(parent, name)
             if st is None:
-                whiteout.make_whiteout(parent, name)
+                whiteout.TRUSTED.make_whiteout(parent, name)
             elif stat.S_ISDIR(st.st_mode):
                 fd = open_dir_at(parent, name)
                 try:
-                    whiteout.set_opaque(fd)
+                    whiteout.TRUSTED.set_opaque(fd)
                 finally:
                     os.close(fd)
         finally:

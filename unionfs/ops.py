@@ -26,7 +26,7 @@ import trio
 
 from unionfs.changes import Caller, SetAttrs
 from unionfs.core import Core
-from unionfs.idmap import IDENTITY, IdMap
+from unionfs.idmap import ACL_XATTRS, IDENTITY, IdMap, translate_acl
 from unionfs.inodes import DirHandle, FileHandle, HandleTable, Node
 
 log = logging.getLogger(__name__)
@@ -382,7 +382,11 @@ class UnionOperations(pyfuse3.Operations):
 
     @boundary
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        return self.view.getxattr(self._node(inode), os.fsdecode(name))
+        key = os.fsdecode(name)
+        value = self.view.getxattr(self._node(inode), key)
+        if key in ACL_XATTRS and not (self.uid_map.identity and self.gid_map.identity):
+            value = translate_acl(value, self.uid_map.to_mount, self.gid_map.to_mount)
+        return value
 
     @boundary
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
@@ -391,7 +395,10 @@ class UnionOperations(pyfuse3.Operations):
     @boundary
     async def setxattr(self, inode: int, name: bytes, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
-        await self.core.changes.setxattr(self._node(inode), os.fsdecode(name), value)
+        key = os.fsdecode(name)
+        if key in ACL_XATTRS and not (self.uid_map.identity and self.gid_map.identity):
+            value = translate_acl(value, self.uid_map.to_disk, self.gid_map.to_disk)
+        await self.core.changes.setxattr(self._node(inode), key, value)
 
     @boundary
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:

@@ -37,7 +37,7 @@ class Removal:
         work_fd = self.copier.work_fd
         tmp = temp_name()
         if need_whiteout:
-            whiteout.rename_leaving_whiteout(parent_fd, name, work_fd, tmp)
+            self.copier.markers.rename_leaving_whiteout(parent_fd, name, work_fd, tmp)
         else:
             os.rename(name, tmp, src_dir_fd=parent_fd, dst_dir_fd=work_fd)
         remove_at(work_fd, tmp)
@@ -67,7 +67,7 @@ class Removal:
             else:
                 os.unlink(name, dir_fd=parent_fd)
         else:
-            whiteout.make_whiteout(parent_fd, name)
+            self.copier.markers.make_whiteout(parent_fd, name)
         view.entry_changed(parent, name, None)
         node.changed()
         view.table.unlink(parent, name)
@@ -104,7 +104,7 @@ class Removal:
         if node.layer.writable:
             self._remove_upper(parent_fd, name, need_whiteout)
         else:
-            whiteout.make_whiteout(parent_fd, name)
+            self.copier.markers.make_whiteout(parent_fd, name)
         view.entry_changed(parent, name, None)
         view.table.unlink(parent, name)
         node.state = NodeState.UNLINKED
@@ -165,7 +165,7 @@ class Removal:
         # No await from here on: the swap on disk and in the node tree is atomic.
         for moved, parent, name in ((a, b_parent, b_name), (b, a_parent, a_name)):
             if moved.is_dir and view.lower_has(parent, name):
-                whiteout.set_opaque(view.dir_fd(moved, moved.layer))  # see _do_rename
+                self.copier.markers.set_opaque(view.dir_fd(moved, moved.layer))  # see _do_rename
         renameat2(view.upper_fd(a_parent), a_name, view.upper_fd(b_parent), b_name,
                   RENAME_EXCHANGE)
         view.entry_changed(a_parent, a_name, b.is_dir)
@@ -190,7 +190,7 @@ class Removal:
         dst_nlink = view.stat(dst).st_nlink if dst is not None and not dst.is_dir else 0
         if src.is_dir and view.lower_has(new_parent, new_name):
             # The moved directory replaces a lower one: it must not merge with it.
-            whiteout.set_opaque(view.dir_fd(src, src.layer))
+            self.copier.markers.set_opaque(view.dir_fd(src, src.layer))
         if dst_upper is not None and stat.S_ISDIR(dst_upper.st_mode):
             # An empty merged directory may still hold whiteouts in the upper.
             _empty_upper_dir(new_fd, new_name)
@@ -199,7 +199,7 @@ class Removal:
             if not src_whiteout:
                 os.unlink(old_name, dir_fd=old_fd)
         elif src_whiteout:
-            whiteout.rename_leaving_whiteout(old_fd, old_name, new_fd, new_name)
+            self.copier.markers.rename_leaving_whiteout(old_fd, old_name, new_fd, new_name)
         else:
             os.rename(old_name, new_name, src_dir_fd=old_fd, dst_dir_fd=new_fd)
         whiteout.remove_oci_whiteout(new_fd, new_name)

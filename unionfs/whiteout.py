@@ -1,9 +1,12 @@
 """The only module that knows the on-disk markers of a union, and its hiding rules.
 
-Written (kernel overlayfs format, so the kernel can mount our upper):
+Written (kernel overlayfs format, so the kernel can mount our upper; `Markers`):
   - whiteout: a character device 0/0 under the deleted name;
-  - opaque directory: the xattr ``trusted.overlay.opaque=y``;
-  - metadata-only file: the xattr ``trusted.overlay.metacopy`` on a sparse file.
+  - opaque directory: the xattr ``trusted.overlay.opaque=y``, or ``user.overlay.opaque``
+    in the kernel's ``userxattr`` format (without the privilege for trusted xattrs);
+  - metadata-only file: the xattr ``trusted.overlay.metacopy`` on a sparse file;
+  - fuse-overlayfs's fallbacks where the filesystem refuses those: ``.wh.NAME`` files,
+    a ``.wh..wh..opq`` file.
 
 Read, in every layer (lowers and upper):
   - char device 0/0;
@@ -43,13 +46,8 @@ OPAQUE_XATTRS = (
     "user.overlay.opaque",
     "user.fuseoverlayfs.opaque",
 )
-#: The xattr we write to make a directory opaque.
-OPAQUE_XATTR = "trusted.overlay.opaque"
-
-#: Marks an upper file whose data is still in a lower layer (the one we write).
-METACOPY_XATTR = "trusted.overlay.metacopy"
-#: Every metacopy mark we read, in any layer.
-METACOPY_XATTRS = (METACOPY_XATTR, "user.overlay.metacopy")
+#: Every metacopy mark we read, in any layer: a file whose data is in a layer below.
+METACOPY_XATTRS = ("trusted.overlay.metacopy", "user.overlay.metacopy")
 #: Where the data of a metacopy file is, when not at its own path (the kernel writes
 #: these for renamed metacopy files): ``/abs/path`` from the layer root, or a name in
 #: the same directory.
@@ -228,36 +226,82 @@ def remove_oci_whiteout(dir_fd: int, name: bytes) -> None:
 # --------------------------------------------------------------------------- writing
 
 
-def make_whiteout(dir_fd: int, name: bytes) -> None:
-    """Create a kernel-format whiteout (char 0/0) named *name* in *dir_fd*."""
-    os.mknod(name, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=dir_fd)
+class WhiteoutKind(enum.Enum):
+    """How an upper's whiteouts are written."""
+
+    #: a character device 0/0, the kernel's (unprivileged too, since Linux 5.8)
+    DEVICE = "device"
+    #: an empty ``.wh.NAME`` file, as fuse-overlayfs falls back to where mknod is refused
+    #: (the kernel cannot read it)
+    OCI = "oci"
 
 
-def rename_leaving_whiteout(old_dir: int, old: bytes, new_dir: int, new: bytes) -> None:
-    """Rename *old* to *new* and leave a whiteout where *old* was: atomically with
-    RENAME_WHITEOUT, else (a filesystem that refuses it) a rename and then a mknod."""
-    try:
-        renameat2(old_dir, old, new_dir, new, RENAME_WHITEOUT)
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
-            raise
+@dataclass(frozen=True)
+class Markers:
+    """How the markers of one upper are written.
+
+    The kernel's formats are ``trusted.overlay.*`` xattrs (it needs privilege) and,
+    with ``userxattr``, ``user.overlay.*``, each with char 0/0 whiteouts. Where the
+    filesystem holds no xattrs at all, an opaque directory gets the OCI opaque marker
+    file instead (*opaque_files*), and where it refuses whiteout devices, whiteouts are
+    OCI marker files: fuse-overlayfs's fallbacks, which unionfs reads and the kernel
+    does not.
+    """
+
+    #: the xattr prefix: ``trusted.overlay.`` or ``user.overlay.``
+    xattrs: str
+    whiteouts: WhiteoutKind = WhiteoutKind.DEVICE
+    opaque_files: bool = False
+
+    @property
+    def name(self) -> str:
+        """How the format is named in the log."""
+        text = "userxattr" if self.xattrs.startswith("user.") else "trusted xattrs"
+        if self.opaque_files:
+            text = "OCI opaque marker files (no xattrs)"
+        if self.whiteouts is WhiteoutKind.OCI:
+            text += ", OCI whiteout files"
+        return text
+
+    def make_whiteout(self, dir_fd: int, name: bytes) -> None:
+        """Create a whiteout named *name* in *dir_fd*."""
+        if self.whiteouts is WhiteoutKind.DEVICE:
+            os.mknod(name, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=dir_fd)
+        else:
+            os.close(os.open(_WH_PREFIX + name, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                             | os.O_NOFOLLOW | os.O_CLOEXEC, 0o000, dir_fd=dir_fd))
+
+    def rename_leaving_whiteout(self, old_dir: int, old: bytes, new_dir: int,
+                                new: bytes) -> None:
+        """Rename *old* to *new* and leave a whiteout where *old* was: atomically with
+        RENAME_WHITEOUT where the kernel can, else a rename and then the whiteout."""
+        if self.whiteouts is WhiteoutKind.DEVICE:
+            try:
+                renameat2(old_dir, old, new_dir, new, RENAME_WHITEOUT)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                    raise
         os.rename(old, new, src_dir_fd=old_dir, dst_dir_fd=new_dir)
-        make_whiteout(old_dir, old)
+        self.make_whiteout(old_dir, old)
+
+    def set_opaque(self, fd: int) -> None:
+        """Mark the directory open at *fd* opaque."""
+        if self.opaque_files:
+            os.close(os.open(_OPAQUE_MARKER, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, 0o000, dir_fd=fd))
+        else:
+            os.setxattr(fd, self.xattrs + "opaque", b"y")
+
+    def set_metacopy(self, fd: int) -> None:
+        """Mark the regular file open at *fd* as holding metadata only."""
+        os.setxattr(fd, self.xattrs + "metacopy", b"")
 
 
-def set_opaque(fd: int) -> None:
-    """Mark the directory open at *fd* opaque, in the kernel's format."""
-    os.setxattr(fd, OPAQUE_XATTR, b"y")
-
-
-def clear_opaque(fd: int) -> None:
-    """Remove every opaque marker xattr we know from the directory open at *fd*."""
-    for name in OPAQUE_XATTRS:
-        try:
-            os.removexattr(fd, name)
-        except OSError as exc:
-            if exc.errno not in (errno.ENODATA, errno.ENOTSUP):
-                raise
+#: The kernel's format for a privileged upper.
+TRUSTED = Markers("trusted.overlay.")
+#: The kernel's ``userxattr`` format, for an unprivileged upper.
+USERXATTR = Markers("user.overlay.")
 
 
 # --------------------------------------------------------------------------- metacopy
@@ -289,11 +333,6 @@ def redirect_of(dir_fd: int, name: bytes) -> bytes | None:
     return None
 
 
-def set_metacopy(fd: int) -> None:
-    """Mark the regular file open at *fd* as holding metadata only."""
-    os.setxattr(fd, METACOPY_XATTR, b"")
-
-
 def clear_metacopy(fd: int) -> None:
     """The file open at *fd* now holds its data."""
     for xattr in (*METACOPY_XATTRS, *REDIRECT_XATTRS):
@@ -307,17 +346,13 @@ def clear_metacopy(fd: int) -> None:
 # --------------------------------------------------------------------------- the probe
 
 
-#: The xattr the probe sets to learn whether the filesystem holds trusted xattrs.
-_PROBE_XATTR = OPAQUE_XATTR
-
-
 @dataclass(frozen=True)
 class Support:
-    """What a filesystem can hold of the markers we write (learnt by `probe`)."""
+    """What a filesystem can hold of the markers we write (learnt by `probe`): for
+    each, None when it can, else why not (an errno string)."""
 
-    #: ``trusted.*`` xattrs (opaque directories, metacopy): an errno string when not
     trusted_xattrs: str | None
-    #: character devices 0/0 (whiteouts): an errno string when not
+    user_xattrs: str | None
     whiteout_devices: str | None
 
 
@@ -329,15 +364,16 @@ def probe(work_fd: int, name: bytes) -> Support:
         fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                      dir_fd=work_fd)
         try:
-            trusted = _failure(lambda: os.setxattr(fd, _PROBE_XATTR, b"y"))
-            devices = _failure(lambda: make_whiteout(fd, b"wh"))
+            trusted = _failure(lambda: TRUSTED.set_opaque(fd))
+            user = _failure(lambda: USERXATTR.set_opaque(fd))
+            devices = _failure(lambda: TRUSTED.make_whiteout(fd, b"wh"))
             if devices is None:
                 os.unlink(b"wh", dir_fd=fd)
         finally:
             os.close(fd)
     finally:
         os.rmdir(name, dir_fd=work_fd)
-    return Support(trusted, devices)
+    return Support(trusted, user, devices)
 
 
 def _failure(call: Callable[[], None]) -> str | None:
