@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 from pathlib import Path
 
@@ -209,3 +210,27 @@ def test_debug_logs_every_request_with_its_time(tmp_path: Path) -> None:
                     r"read\(\d+, 0, \d+\) -> b'data' \["):
         assert re.search(pattern, text), f"{pattern} not in the log:\n{text[-3000:]}"
     assert os.stat(log).st_mode & 0o077 == 0, "the log is private"
+
+
+def test_request_counts_are_logged_on_sigusr1_and_at_unmount(tmp_path: Path) -> None:
+    lower = build(tmp_path / "l", {"f": "data", "g": "g"})
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log = tmp_path / "log"
+    r = unionmount(lower, "--log", log, mnt)
+    assert r.returncode == 0, r.stderr
+    try:
+        assert (mnt / "f").read_text() == "data"
+        os.listdir(mnt)
+        (pid,) = server_pids(mnt)
+        os.kill(pid, signal.SIGUSR1)
+        assert wait_until(lambda: "requests: total=" in log.read_text(), 10)
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
+        wait_until(lambda: not server_pids(mnt))
+    lines = [line for line in log.read_text().splitlines() if "requests: total=" in line]
+    assert len(lines) == 2, lines
+    counts = dict(item.split("=") for item in lines[-1].split("requests: ")[1].split())
+    assert int(counts["lookup"]) >= 1 and int(counts["open"]) == 1
+    assert int(counts["readdir"]) >= 1
+    assert int(counts["total"]) == sum(int(v) for k, v in counts.items() if k != "total")

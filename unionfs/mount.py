@@ -22,6 +22,7 @@ import pyfuse3
 import trio
 
 from unionfs import copyup, core, sysc, whiteout
+from unionfs import ops as ops_module
 from unionfs.config import ConfigError, MountConfig, check_private
 from unionfs.layers import open_stack
 from unionfs.ops import UnionOperations
@@ -217,8 +218,12 @@ def serve(config: MountConfig, ready: Callable[[str | None], None]) -> int:
         async with trio.open_nursery() as nursery:
             async def on_signals() -> None:
                 nonlocal terminated
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                    async for _ in signals:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT,
+                                               signal.SIGUSR1) as signals:
+                    async for signum in signals:
+                        if signum == signal.SIGUSR1:
+                            log.info("%s", ops_module.requests_line())
+                            continue
                         terminated = True
                         pyfuse3.terminate()
                         return
@@ -241,7 +246,7 @@ def serve(config: MountConfig, ready: Callable[[str | None], None]) -> int:
         pyfuse3.close(unmount=True)
         return 1
     pyfuse3.close(unmount=terminated)
-    log.info("unmounted %s", config.mountpoint)
+    log.info("unmounted %s; %s", config.mountpoint, ops_module.requests_line())
     return 0
 
 

@@ -13,6 +13,7 @@ are kept (keep_cache); what a change touches is already known to the kernel.
 
 from __future__ import annotations
 
+import collections
 import errno
 import functools
 import logging
@@ -38,15 +39,28 @@ T = TypeVar("T")
 P = ParamSpec("P")
 
 
+#: Requests answered, by type, since the server started (logged at unmount and on
+#: SIGUSR1, as fuse-overlayfs prints its own on SIGUSR1).
+REQUESTS: collections.Counter[str] = collections.Counter()
+
+
+def requests_line() -> str:
+    """The request counts, as one log line: ``requests: total=N lookup=N ...``."""
+    counts = " ".join(f"{name}={count}" for name, count in sorted(REQUESTS.items()))
+    return f"requests: total={sum(REQUESTS.values())} {counts}".rstrip()
+
+
 def boundary(
     handler: Callable[P, Coroutine[Any, Any, T]],
 ) -> Callable[P, Coroutine[Any, Any, T]]:
     """Turn OSError into FUSEError; log anything else and answer EIO. With DEBUG logging
-    (``--debug``) every request is logged with its result and how long it took."""
+    (``--debug``) every request is logged with its result and how long it took. Every
+    request is counted (`REQUESTS`)."""
     name = handler.__name__
 
     @functools.wraps(handler)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        REQUESTS[name] += 1
         if log.isEnabledFor(logging.DEBUG):
             return await _traced(name, handler, *args, **kwargs)
         try:
