@@ -211,6 +211,8 @@ def serve(config: MountConfig, ready: Callable[[str | None], None]) -> int:
         pyfuse3.close(unmount=True)
         ready(f"cannot mount {config.mountpoint}: {exc}")
         return 1
+    log.info("mounted %s (started by %s)", config.mountpoint,
+             os.environ.get("UNIONFS_STARTED_BY", "unionmount itself"))
     terminated = False
 
     async def run() -> None:
