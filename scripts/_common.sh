@@ -18,11 +18,11 @@ export REPO VENV
 BASE_APT_PKGS=(fuse3 libfuse3-dev pkg-config python3 python3-venv python3-dev gcc libc6-dev
     mount apt kmod)
 # scripts/test: the reference systems the tests compare against, the tools they drive,
-# bad-input filesystems, and podman, runc, buildah, busybox-static, debootstrap and skopeo
-# for tests/integration.
+# bad-input filesystems, and podman, runc, buildah, busybox-static, debootstrap, skopeo and
+# docker-registry (a registry the image tests start on 127.0.0.1) for tests/integration.
 TEST_APT_PKGS=(
     fuse-overlayfs attr acl dosfstools e2fsprogs psmisc util-linux
-    podman runc buildah busybox-static debootstrap skopeo
+    podman runc buildah busybox-static debootstrap skopeo docker-registry
 )
 # scripts/bench: the other mount program and the benchmark tools.
 BENCH_APT_PKGS=(fuse-overlayfs fio dbench)
@@ -43,6 +43,12 @@ ensure_deps() {
         note "installing Debian packages: ${missing[*]}"
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -q </dev/null
+        if [[ " ${missing[*]} " == *" docker-registry "* ]]; then
+            # Its package would start a registry on *:5000 (and at every boot) where
+            # systemd runs; the tests start their own, on 127.0.0.1 only. Masked first.
+            mkdir -p /etc/systemd/system
+            ln -sfn /dev/null /etc/systemd/system/docker-registry.service
+        fi
         apt-get install -y -q "${missing[@]}" </dev/null
     fi
     if [[ ! -e /dev/fuse ]]; then

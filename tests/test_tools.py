@@ -40,6 +40,7 @@ from tests.mounts import (
     tool,
 )
 from unionfs import ociimport
+from unionfs.config import LayerError
 
 T0 = 1_600_000_000_000_000_000
 T1 = 1_700_000_000_500_000_000
@@ -516,7 +517,7 @@ def test_import_of_garbage_is_one_error(tmp_path: Path) -> None:
 def test_import_refuses_device_nodes_unless_allowed(tmp_path: Path) -> None:
     layer = make_tar([entry("f", data=b"f"), entry("null", tarfile.CHRTYPE, dev=(1, 3))])
     dest = tmp_path / "dest"
-    with pytest.raises(ociimport.LayerError, match="device node"):
+    with pytest.raises(LayerError, match="device node"):
         ociimport.import_layer(io.BytesIO(layer), os.fspath(dest), allow_devices=False)
     assert not dest.exists()
 

@@ -135,4 +135,4 @@ def test_no_server_when_turned_off(tmp_path: Path, zdir: Path) -> None:
 
 
 def test_the_program_knows_the_offline_commands() -> None:
-    assert quick._COMMANDS == set(cli.SUBCOMMANDS)
+    assert quick._COMMANDS == {*cli.SUBCOMMANDS, *cli.IMAGE_COMMANDS}

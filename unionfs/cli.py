@@ -17,6 +17,7 @@ from unionfs import __version__
 from unionfs.config import (
     MOUNT_FLAGS,
     ConfigError,
+    LayerError,
     MountConfig,
     check_fuse,
     check_unprivileged,
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 
 #: Commands that inspect layers without mounting (unionfs/tools.py).
 SUBCOMMANDS = ("inspect", "diff", "export", "import")
+#: Commands on images and the layer store (unionfs/imagecli.py).
+IMAGE_COMMANDS = ("commit", "squash", "store")
 #: -o keys that configure the union itself; every other key is a FUSE option.
 _UNION_KEYS = {"lowerdir", "upperdir", "workdir"}
 #: fuse-overlayfs keys runtimes pass that need nothing from us.
@@ -70,6 +73,11 @@ commands that work on layer directories without mounting (unionmount COMMAND --h
   unionmount diff LAYERS --upper DIR [--all]                 podman diff's A/C/D lines
   unionmount export LAYERS --upper DIR -o FILE               the upper as an OCI layer tar
   unionmount import LAYER.TAR DIR [--format oci|overlay]     an OCI layer tar as a layer dir
+
+images (LAYERS may also be oci:DIR[:TAG] or docker-archive:FILE, from the layer store):
+  unionmount commit IMAGE --upper DIR oci:DIR:TAG            the upper as a new image
+  unionmount squash IMAGE oci:DIR:TAG | squash LAYERS FILE   one layer, nothing hidden kept
+  unionmount store ls|du|gc|resolve                          the layer store
 """
 
 
@@ -78,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="unionmount",
         usage="%(prog)s [options] LAYERS MOUNTPOINT\n"
               "       %(prog)s -o lowerdir=LAYERS[,upperdir=DIR,workdir=DIR] [SOURCE] MOUNTPOINT\n"
-              "       %(prog)s {inspect,diff,export,import} ...",
+              "       %(prog)s {inspect,diff,export,import,commit,squash,store} ...",
         description="Mount a union of read-only layers (top-most first) and an optional "
                     "writable upper.",
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -95,6 +103,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true",
                         help="log every request, with its result and how long it took")
     parser.add_argument("--log", metavar="FILE", help="log to FILE")
+    parser.add_argument("--store", metavar="DIR",
+                        help="the layer store for oci:DIR[:TAG] and docker-archive:FILE "
+                             "references (default: /var/lib/unionfs/store for root, "
+                             "$XDG_DATA_HOME/unionfs/store for a user)")
     parser.add_argument("--version", action="version", version=f"unionmount {__version__}")
     return parser
 
@@ -144,12 +156,24 @@ def parse_config(argv: list[str]) -> tuple[MountConfig, argparse.Namespace]:
         lowers, mountpoint = positional
     upper = args.upper or keys.get("upperdir") or None
     workdir = args.workdir or keys.get("workdir") or None
-    config = MountConfig(lowers=parse_layers(lowers), upper=upper, workdir=workdir,
+    config = MountConfig(lowers=_layers(lowers, args.store), upper=upper, workdir=workdir,
                          mountpoint=mountpoint, fuse_options=frozenset(fuse),
                          mount_flags=tuple(flags), fsync=fsync, metacopy=metacopy,
                          userxattr=userxattr,
                          uid_map=_id_map(ids, "uid"), gid_map=_id_map(ids, "gid"))
     return config, args
+
+
+def _layers(text: str, store: str | None) -> tuple[str, ...]:
+    """The lower layers: LAYERS as given, or an image reference's layers from the store
+    (unpacked there first when needed)."""
+    from unionfs import oci  # a small module: parsing a reference is all it does here
+
+    if not oci.is_reference(text):
+        return parse_layers(text)
+    from unionfs import images
+
+    return tuple(images.resolve(text, store))
 
 
 def _id_map(ids: dict[str, str], kind: str) -> IdMap:
@@ -193,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
         from unionfs import tools  # type: ignore[attr-defined,unused-ignore]
 
         return int(tools.main(argv))
+    if argv and argv[0] in IMAGE_COMMANDS:
+        from unionfs import imagecli
+
+        return imagecli.main(argv)
     try:
         config, args = parse_config(argv)
         config = validate(config)
@@ -204,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             _setup_logging(args, foreground=True)
             return mount.foreground(config)
         return mount.daemonize(config, lambda: _setup_logging(args, foreground=False))
-    except ConfigError as exc:
+    except (ConfigError, LayerError) as exc:
         print(f"unionmount: {exc}", file=sys.stderr)
         return exc.exitcode
     except KeyboardInterrupt:

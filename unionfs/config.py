@@ -23,6 +23,13 @@ class ConfigError(Exception):
     exitcode = 2
 
 
+class LayerError(Exception):
+    """A layer or image that cannot be read, exported or imported as asked (corrupt,
+    hostile): printed as one line, exit code 1."""
+
+    exitcode = 1
+
+
 #: Mount flags the kernel honours on any mount (mount(8)'s generic options), as
 #: ``mount -t overlay`` takes them: they are asked for from the kernel and show in
 #: /proc/mounts. The ``no``-less forms undo their opposites (``suid``, ``dev``, ...).

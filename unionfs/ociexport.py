@@ -27,9 +27,10 @@ from dataclasses import dataclass
 from typing import BinaryIO, Protocol, Self, cast
 
 from unionfs import whiteout
+from unionfs.config import LayerError
 from unionfs.layers import Stack, lstat_at, open_dir_at
-from unionfs.merged import open_data, read_xattrs, user_visible_xattr
-from unionfs.ociimport import NS, SCHILY_XATTR, LayerError, raw_name, tar_name
+from unionfs.merged import open_data, read_xattrs, user_visible_xattr, walk
+from unionfs.ociimport import NS, SCHILY_XATTR, raw_name, tar_name
 
 Progress = Callable[[int, int], None]
 
@@ -80,24 +81,66 @@ def export_layer(stack: Stack, sink: BinaryIO, *, compress: bool = False,
     skipped: list[tuple[bytes, ...]] = []
     _collect(upper.fd, (), items, skipped)
     items.sort(key=lambda item: item.key)
-    total = _data_bytes(items)
-    zipped = None
-    if compress:
-        # mtime=0 and no file name in the gzip header: the same tar gives the same bytes.
-        zipped = gzip.GzipFile(filename="", mode="wb", compresslevel=6, fileobj=sink, mtime=0)
-    digest = _DigestWriter(zipped if zipped is not None else sink)
-    tar_out = cast(BinaryIO, digest)  # tarfile only calls write()
-    with _DirCache(upper.fd) as dirs, tarfile.open(
-            fileobj=tar_out, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8",
-            errors="surrogateescape") as tar:
-        writer = _TarWriter(stack, tar, dirs, total, progress)
+    with _DirCache(upper.fd) as dirs, _Output(sink, compress) as out:
+        writer = _TarWriter(stack, out.tar, _data_bytes(items), progress)
         for item in items:
-            writer.add(item)
-    if zipped is not None:
-        zipped.close()
-    sink.flush()
-    return Exported("sha256:" + digest.sha.hexdigest(), digest.size, len(items),
-                    tuple(b"/".join(path) for path in skipped))
+            if item.kind is _Kind.ENTRY:
+                writer.entry(item.path, item.st, dirs.fd(item.source[:-1]), item.source[-1])
+            else:
+                writer.marker(item.path, item.st, opaque=item.kind is _Kind.OPAQUE)
+    return out.result(len(items), skipped)
+
+
+def export_merged(stack: Stack, sink: BinaryIO, *, compress: bool = False,
+                  progress: Progress | None = None) -> Exported:
+    """Write the merged view of *stack* as one OCI layer (``unionmount squash``): every
+    entry the view shows, nothing a higher layer hides, no markers; data of
+    metadata-only files from below them. The same order and rules as `export_layer`."""
+    total = sum(entry.found.st.st_size for entry in walk(stack)
+                if stat.S_ISREG(entry.found.st.st_mode))
+    skipped: list[tuple[bytes, ...]] = []
+    entries = 0
+    with _Output(sink, compress) as out:
+        writer = _TarWriter(stack, out.tar, total, progress)
+        for entry in walk(stack):
+            st = entry.found.st
+            if stat.S_ISSOCK(st.st_mode):
+                skipped.append(entry.components)
+                continue
+            writer.entry(entry.components, st, entry.parent.fd_of(entry.found.layer),
+                         entry.name)
+            entries += 1
+    return out.result(entries, skipped)
+
+
+class _Output:
+    """The tar stream of an export: gzipped or not, hashed as it is written (the
+    uncompressed tar's sha256 is the layer's diff_id)."""
+
+    def __init__(self, sink: BinaryIO, compress: bool) -> None:
+        self.sink = sink
+        self.zipped = None
+        if compress:
+            # mtime=0 and no file name in the gzip header: the same tar, the same bytes.
+            self.zipped = gzip.GzipFile(filename="", mode="wb", compresslevel=6,
+                                        fileobj=sink, mtime=0)
+        self.digest = _DigestWriter(self.zipped if self.zipped is not None else sink)
+        self.tar = tarfile.open(  # noqa: SIM115 - closed by __exit__
+            fileobj=cast(BinaryIO, self.digest), mode="w|", format=tarfile.PAX_FORMAT,
+            encoding="utf-8", errors="surrogateescape")
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.tar.close()
+        if self.zipped is not None:
+            self.zipped.close()
+        self.sink.flush()
+
+    def result(self, entries: int, skipped: list[tuple[bytes, ...]]) -> Exported:
+        return Exported("sha256:" + self.digest.sha.hexdigest(), self.digest.size, entries,
+                        tuple(b"/".join(path) for path in skipped))
 
 
 def _collect(fd: int, components: tuple[bytes, ...], out: list[_Item],
@@ -232,11 +275,10 @@ def _pax_time(ns: int) -> str:
 
 
 class _TarWriter:
-    def __init__(self, stack: Stack, tar: tarfile.TarFile, dirs: _DirCache, total: int,
+    def __init__(self, stack: Stack, tar: tarfile.TarFile, total: int,
                  progress: Progress | None) -> None:
         self.stack = stack
         self.tar = tar
-        self.dirs = dirs
         self.total = total
         self.done = 0
         self.progress = progress
@@ -254,18 +296,20 @@ class _TarWriter:
         info.mtime = max(sec, 0)
         return info
 
-    def add(self, item: _Item) -> None:
-        st = item.st
-        if item.kind is _Kind.WHITEOUT:
+    def marker(self, path: tuple[bytes, ...], st: os.stat_result, opaque: bool) -> None:
+        """An OCI whiteout or opaque marker at *path*, with the metadata *st* of what it
+        stands for (a kernel-format whiteout, an OCI marker file, the opaque directory)."""
+        if opaque:
+            mode = stat.S_IMODE(st.st_mode) & 0o777
+        else:
             mode = 0o600 if whiteout.is_whiteout(st) else stat.S_IMODE(st.st_mode)
-            self.tar.addfile(self._info(item.path, st, mode))
-            return
-        if item.kind is _Kind.OPAQUE:
-            self.tar.addfile(self._info(item.path, st, stat.S_IMODE(st.st_mode) & 0o777))
-            return
-        info = self._info(item.path, st, stat.S_IMODE(st.st_mode))
-        parent = self.dirs.fd(item.source[:-1])
-        name = item.source[-1]
+        self.tar.addfile(self._info(path, st, mode))
+
+    def entry(self, path: tuple[bytes, ...], st: os.stat_result, parent: int,
+              name: bytes) -> None:
+        """The entry *name* of the directory open at *parent* (its stat *st*), archived
+        as *path*, which is also its path in the merged view of the stack."""
+        info = self._info(path, st, stat.S_IMODE(st.st_mode))
         if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
             first = self.links.setdefault((st.st_dev, st.st_ino), info.name)
             if first != info.name:
@@ -275,10 +319,10 @@ class _TarWriter:
                 return
         xattrs = read_xattrs(parent, name, user_visible_xattr)
         if xattrs:
-            info.pax_headers = {**info.pax_headers,
-                                **{SCHILY_XATTR + key: tar_name(value) for key, value in xattrs.items()}}
+            info.pax_headers = {**info.pax_headers, **{
+                SCHILY_XATTR + key: tar_name(value) for key, value in xattrs.items()}}
         if stat.S_ISREG(st.st_mode):
-            self._add_file(info, item.source, parent, st)
+            self._add_file(info, path, parent, name, st)
             return
         if stat.S_ISDIR(st.st_mode):
             info.type = tarfile.DIRTYPE
@@ -293,8 +337,7 @@ class _TarWriter:
         self.tar.addfile(info)
 
     def _add_file(self, info: tarfile.TarInfo, components: tuple[bytes, ...],
-                  parent: int, st: os.stat_result) -> None:
-        name = components[-1]
+                  parent: int, name: bytes, st: os.stat_result) -> None:
         if whiteout.is_metacopy(parent, name):
             # Metadata only: the size is the upper file's, the data that of the file
             # below that holds it (through further metadata-only layers, or a redirect).

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from unionfs import whiteout
+from unionfs.config import LayerError
 from unionfs.layers import lstat_at, open_dir_at
 from unionfs.merged import user_visible_xattr
 from unionfs.sysc import at_path, remove_at
@@ -38,12 +39,6 @@ _CHUNK = 1 << 20
 #: The PAX record prefix of xattrs (GNU tar, Go, containers-storage).
 SCHILY_XATTR = "SCHILY.xattr."
 _LIBARCHIVE = "LIBARCHIVE.xattr."
-
-
-class LayerError(Exception):
-    """A layer that cannot be exported or imported as asked; the message is one line."""
-
-    exitcode = 1
 
 
 class Format(enum.Enum):

@@ -12,8 +12,9 @@ import sys
 
 #: Options that make a command line something other than a background mount.
 _NOT_A_MOUNT = {"-f", "--foreground", "-h", "--help", "--version"}
-#: The offline commands (cli.SUBCOMMANDS, spelt again: importing cli is what we avoid).
-_COMMANDS = {"inspect", "diff", "export", "import"}
+#: The other commands (cli.SUBCOMMANDS and cli.IMAGE_COMMANDS, spelt again: importing cli
+#: is what we avoid).
+_COMMANDS = {"inspect", "diff", "export", "import", "commit", "squash", "store"}
 
 
 def main() -> int:

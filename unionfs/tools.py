@@ -20,10 +20,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from typing import BinaryIO, NoReturn
+from typing import BinaryIO, NoReturn, Protocol
 
 from unionfs import diff, ociexport, ociimport, report
-from unionfs.config import ConfigError, check_dir, parse_layers
+from unionfs.config import ConfigError, LayerError, check_dir, parse_layers
 from unionfs.layers import Layer, Stack, open_stack
 from unionfs.merged import EntryType
 
@@ -52,7 +52,7 @@ def main(argv: list[str]) -> int:
     except ConfigError as exc:
         print(f"unionmount: {exc}", file=sys.stderr)
         return exc.exitcode
-    except ociimport.LayerError as exc:
+    except LayerError as exc:
         print(f"unionmount: {command}: {exc}", file=sys.stderr)
         return exc.exitcode
     except BrokenPipeError:
@@ -216,12 +216,18 @@ def _export(argv: list[str]) -> int:
                         help="layer.tar, layer.tar.gz (gzip) or - (a tar on stdout)")
     args = parser.parse_args(argv)
     with _open(args) as stack:
-        if args.output == "-":
-            result = ociexport.export_layer(stack, _out(), progress=_progress_bar())
-            where = sys.stderr
-        else:
-            result = _export_to_file(stack, args.output)
-            where = sys.stdout
+        return write_layer(stack, args.output, ociexport.export_layer)
+
+
+def write_layer(stack: Stack, output: str, export: Export) -> int:
+    """Write a layer of *stack* with *export* to *output* (``-``: stdout), and print its
+    diff_id (on stderr when the layer went to stdout). Returns the exit code."""
+    if output == "-":
+        result = export(stack, _out(), progress=_progress_bar())
+        where = sys.stderr
+    else:
+        result = _export_to_file(stack, output, export)
+        where = sys.stdout
     for path in result.skipped:
         print(f"unionmount: warning: {os.fsdecode(path)}: a socket, not exported",
               file=sys.stderr)
@@ -229,7 +235,14 @@ def _export(argv: list[str]) -> int:
     return 0
 
 
-def _export_to_file(stack: Stack, output: str) -> ociexport.Exported:
+class Export(Protocol):
+    """`ociexport.export_layer` or `ociexport.export_merged`."""
+
+    def __call__(self, stack: Stack, sink: BinaryIO, *, compress: bool = False,
+                 progress: ociexport.Progress | None = None) -> ociexport.Exported: ...
+
+
+def _export_to_file(stack: Stack, output: str, export: Export) -> ociexport.Exported:
     """Export into a temporary file beside *output*, renamed over it once complete."""
     directory = os.path.dirname(os.path.abspath(output))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".unionmount-export-")
@@ -239,8 +252,7 @@ def _export_to_file(stack: Stack, output: str) -> ociexport.Exported:
         os.fchmod(fd, 0o666 & ~umask)
         with open(fd, "wb") as sink:
             compress = output.endswith((".gz", ".tgz"))
-            result = ociexport.export_layer(stack, sink, compress=compress,
-                                           progress=_progress_bar())
+            result = export(stack, sink, compress=compress, progress=_progress_bar())
             os.fsync(sink.fileno())
         os.replace(tmp, output)
     except BaseException:

@@ -27,15 +27,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
-# Debian packages the integration tests need, keyed by a file each installs.
-REQUIRED_PACKAGES = {
-    "podman": "/usr/bin/podman",
-    "runc": "/usr/sbin/runc",
-    "buildah": "/usr/bin/buildah",
-    "busybox-static": "/bin/busybox",
-    "fuse3": "/usr/bin/fusermount3",
-}
-
 MOUNT_PROGRAM_ENV = "UNIONFS_IT_MOUNT_PROGRAM"
 
 # Each podman/buildah/runc call gets at most this long.
@@ -110,31 +101,6 @@ def _kill_group(pgid: int) -> None:
 
 
 # --------------------------------------------------------------------------- tools
-
-
-def _dpkg_installed(pkg: str) -> bool:
-    res = run(["dpkg-query", "-W", "-f=${Status}", pkg], check=False, timeout=60)
-    return res.returncode == 0 and res.stdout.strip() == "install ok installed"
-
-
-def ensure_packages(extra: Iterable[str] = ()) -> None:
-    """apt-get install whatever is missing; idempotent, no prompts, no stdin."""
-    wanted = list(REQUIRED_PACKAGES) + list(extra)
-    missing = [
-        p
-        for p in wanted
-        if not _dpkg_installed(p)
-        or (p in REQUIRED_PACKAGES and not os.path.exists(REQUIRED_PACKAGES[p]))
-    ]
-    if not missing:
-        return
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    run(["apt-get", "update", "-q", "-o", "DPkg::Lock::Timeout=600"], env=env, timeout=900)
-    lock = ["-o", "DPkg::Lock::Timeout=600"]  # wait for another apt run, don't fail
-    run(["apt-get", "install", "-y", "-q", *lock, *missing], env=env, timeout=1800)
-    still = [p for p in missing if not _dpkg_installed(p)]
-    if still:
-        raise CommandFailed(f"apt-get did not install {still}")
 
 
 @dataclasses.dataclass(frozen=True)
