@@ -15,15 +15,21 @@ import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from unionfs.layers import DataRef, Layer, ListedEntry
 
+T = TypeVar("T")
 ROOT_INODE = 1
-Key = tuple[int, int]
+_NO_CHILDREN: dict[bytes, Node] = {}
+#: A layer entry's identity, (st_dev, st_ino), as one int (a tuple of two ints costs
+#: twice as much, and there is one per node).
+Key = int
+_INO_BITS = 64
 
 
 def key_of(st: os.stat_result) -> Key:
-    return (st.st_dev, st.st_ino)
+    return (st.st_dev << _INO_BITS) | st.st_ino
 
 
 class NodeState(enum.Enum):
@@ -77,15 +83,19 @@ class Node:
         self.state = NodeState.LIVE
         self.lookups = 0
         self.version = 0
-        self.children: dict[bytes, Node] = {}
-        self.links: set[tuple[Node, bytes]] = set()
-        self.keys: set[Key] = set()
+        #: Directories only; the others share one empty dict that nothing adds to
+        #: (`InodeTable.link` takes directories as parents).
+        self.children: dict[bytes, Node] = {} if kind == stat.S_IFDIR else _NO_CHILDREN
+        # Tuples, not sets or lists: nearly every node has one of each, and a walk of a
+        # large tree keeps a node per entry (an empty set costs 216 bytes).
+        self.links: tuple[tuple[Node, bytes], ...] = ()
+        self.keys: tuple[Key, ...] = ()
         self.listing: dict[bytes, ListedEntry] | None = None
         #: For a metadata-only file (a metacopy mark, in the upper or a lower layer):
         #: where its data is, in a layer below its entry.
         self.data: DataRef | None = None
         #: Its open files (an unlinked file's attributes come from one of them).
-        self.handles: set[FileHandle] = set()
+        self.handles: list[FileHandle] | None = None
 
     def changed(self) -> None:
         """Its attributes (or those of its entry) changed."""
@@ -101,7 +111,7 @@ class Node:
 
     def open_fd(self) -> int | None:
         """An fd of one of its open files, if any."""
-        return next((handle.fd for handle in self.handles), None)
+        return self.handles[0].fd if self.handles else None
 
     def __repr__(self) -> str:
         return f"<Node {self.inode} {self.name!r} in {self.layer!r} {self.state.value}>"
@@ -130,7 +140,7 @@ class InodeTable:
         """The inode number for a layer entry, unique among live nodes."""
         number = self._copied.get(key)
         if number is None:
-            dev, ino = key
+            dev, ino = key >> _INO_BITS, key & ((1 << _INO_BITS) - 1)
             ordinal = self._devs.get(dev)
             if ordinal is None:
                 ordinal = self._devs[dev] = len(self._devs)
@@ -145,7 +155,8 @@ class InodeTable:
         self.add_key(node, key)
 
     def add_key(self, node: Node, key: Key) -> None:
-        node.keys.add(key)
+        if key not in node.keys:
+            node.keys = (*node.keys, key)
         self._by_key[key] = node
 
     def remember_copy(self, node: Node, key: Key) -> None:
@@ -155,16 +166,18 @@ class InodeTable:
 
     def link(self, node: Node, parent: Node, name: bytes) -> None:
         """Record that *node* is known to the kernel as *name* in *parent*."""
+        assert parent.is_dir, parent
         old = parent.children.get(name)
         if old is not None and old is not node:
-            old.links.discard((parent, name))
+            old.links = _without(old.links, (parent, name))
         parent.children[name] = node
-        node.links.add((parent, name))
+        if (parent, name) not in node.links:
+            node.links = (*node.links, (parent, name))
 
     def unlink(self, parent: Node, name: bytes) -> Node | None:
         node = parent.children.pop(name, None)
         if node is not None:
-            node.links.discard((parent, name))
+            node.links = _without(node.links, (parent, name))
         return node
 
     def remember(self, node: Node) -> None:
@@ -186,8 +199,12 @@ class InodeTable:
         for parent, name in node.links:
             if parent.children.get(name) is node:
                 del parent.children[name]
-        node.links.clear()
+        node.links = ()
         return node
+
+
+def _without(items: tuple[T, ...], item: T) -> tuple[T, ...]:
+    return tuple(other for other in items if other != item)
 
 
 class FileHandle:
@@ -199,7 +216,9 @@ class FileHandle:
         self.node = node
         self.fd = fd
         self.source = source
-        node.handles.add(self)
+        if node.handles is None:
+            node.handles = []
+        node.handles.append(self)
 
     def fd_for(self, source: Layer, reopen: Callable[[Node, int], int]) -> int:
         """The fd to read *source*, the layer the node's data is in now:
@@ -211,7 +230,8 @@ class FileHandle:
         return self.fd
 
     def close(self) -> None:
-        self.node.handles.discard(self)
+        if self.node.handles is not None and self in self.node.handles:
+            self.node.handles.remove(self)
         os.close(self.fd)
 
 

@@ -354,7 +354,7 @@ def open_parent(layer: Layer, path: tuple[bytes, ...]) -> int:
     return fd
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ListedEntry:
     name: bytes
     layer: Layer

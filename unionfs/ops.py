@@ -32,6 +32,9 @@ from unionfs.inodes import DirHandle, FileHandle, HandleTable, Node
 
 log = logging.getLogger(__name__)
 
+#: How many nodes' reply attributes are kept.
+REPLY_CACHE = 8192
+
 #: Seconds the kernel may cache entries and attributes (the layers are ours alone).
 CACHE_TIMEOUT = 86400.0
 
@@ -141,7 +144,10 @@ class UnionOperations(pyfuse3.Operations):
         #: The attributes last sent for each inode, with the node's version then:
         #: pyfuse3 copies them into each reply, so one object serves many (readdirplus
         #: and getattr) until the node changes.
-        self._replies: dict[int, tuple[Node, int, pyfuse3.EntryAttributes]] = {}
+        #: Bounded (least recently used go first): a walk of a large tree would keep one
+        #: per entry, and a stat is cheap next to a request.
+        self._replies: collections.OrderedDict[
+            int, tuple[Node, int, pyfuse3.EntryAttributes]] = collections.OrderedDict()
 
     def _caller(self, ctx: pyfuse3.RequestContext) -> Caller:
         """The caller, with ids as stored on disk."""
@@ -160,6 +166,7 @@ class UnionOperations(pyfuse3.Operations):
         the caller has it."""
         cached = self._replies.get(node.inode)
         if cached is not None and cached[0] is node and cached[1] == node.version:
+            self._replies.move_to_end(node.inode)
             return cached[2]
         attrs = self.view.attributes(node, st)
         entry = pyfuse3.EntryAttributes()
@@ -180,6 +187,9 @@ class UnionOperations(pyfuse3.Operations):
         entry.st_ctime_ns = attrs.ctime_ns
         if node.live:
             self._replies[node.inode] = (node, node.version, entry)
+            self._replies.move_to_end(node.inode)
+            if len(self._replies) > REPLY_CACHE:
+                self._replies.popitem(last=False)
         return entry
 
     def _reply_entry(self, node: Node) -> pyfuse3.EntryAttributes:
@@ -386,7 +396,9 @@ class UnionOperations(pyfuse3.Operations):
 
     @boundary
     async def releasedir(self, fh: int) -> None:
-        del self.handles.dirs[fh]
+        node = self.handles.dirs.pop(fh).node
+        if not any(handle.node is node for handle in self.handles.dirs.values()):
+            self.view.drop_listing(node)
 
     @boundary
     async def fsyncdir(self, fh: int, datasync: bool) -> None:

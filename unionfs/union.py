@@ -253,6 +253,13 @@ class Union:
             node.listing = merged_listing(node.dir_layers, self.fd_of(node))
         return node.listing
 
+    def drop_listing(self, node: Node) -> None:
+        """Nothing reads directory *node* any more: forget its merged listing, unless its
+        lookups use it (a directory merged from many layers). A walk of a large tree
+        would otherwise keep an entry per name."""
+        if len(node.dir_layers) < LISTING_LOOKUP_LAYERS:
+            node.listing = None
+
     def entry_changed(self, directory: Node, name: bytes, is_dir: bool | None) -> None:
         """*name* in *directory* is now an upper entry (a directory or not), or gone
         (*is_dir* None). A cached listing is updated in place, not rebuilt: creating
