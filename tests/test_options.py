@@ -234,3 +234,30 @@ def test_request_counts_are_logged_on_sigusr1_and_at_unmount(tmp_path: Path) -> 
     assert int(counts["lookup"]) >= 1 and int(counts["open"]) == 1
     assert int(counts["readdir"]) >= 1
     assert int(counts["total"]) == sum(int(v) for k, v in counts.items() if k != "total")
+
+
+def test_writeback_cache_on_request(tmp_path: Path) -> None:
+    """-o writeback=1: the kernel caches writes and sends them in pages (fewer
+    requests); the data, O_APPEND and a file opened write-only stay right."""
+    lower = build(tmp_path / "l", {"f": "lower\n"})
+    upper, work = tmp_path / "u", tmp_path / "w"
+    upper.mkdir()
+    counts = {}
+    for writeback in ("0", "1"):
+        mnt = _mount(tmp_path, f"lowerdir={lower},upperdir={upper},workdir={work},"
+                               f"writeback={writeback}")
+        try:
+            fd = os.open(mnt / f"new{writeback}", os.O_WRONLY | os.O_CREAT, 0o644)
+            for i in range(200):
+                os.write(fd, b"%03d\n" % i)
+            os.close(fd)
+            with open(mnt / "f", "a") as f:  # a lower file: copied up, then appended
+                f.write("more\n")
+        finally:
+            _unmount(mnt)
+        counts[writeback] = int(re.findall(r"requests: .* write=(\d+)",
+                                           (tmp_path / "log").read_text())[-1])
+        assert (upper / f"new{writeback}").read_bytes() == b"".join(
+            b"%03d\n" % i for i in range(200))
+    assert (upper / "f").read_text() == "lower\nmore\nmore\n"
+    assert counts["0"] >= 200 and counts["1"] < 20, counts

@@ -210,6 +210,25 @@ def test_open_unlinked_file(union, base):
     assert not (m / "g").exists()
 
 
+def test_metadata_of_an_open_unlinked_file(union, base):
+    """fchmod, fchown, futimens and ftruncate on a file whose name is gone."""
+    m = union(*base)
+    (m / "u").write_bytes(b"upper data")
+    fd = os.open(m / "u", os.O_RDWR)
+    try:
+        os.unlink(m / "u")
+        os.fchmod(fd, 0o600)
+        os.fchown(fd, 7, 8)
+        os.ftruncate(fd, 5)
+        os.utime(fd, ns=(5_000_000_000, 6_000_000_000))
+        st = os.fstat(fd)
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o600, 7, 8)
+        assert (st.st_mtime_ns, st.st_size, st.st_nlink) == (6_000_000_000, 5, 0)
+        assert os.pread(fd, 100, 0) == b"upper"
+    finally:
+        os.close(fd)
+
+
 def test_open_files_follow_renames_and_unlinks(union, base):
     m = union(*base)
     fd = os.open(m / "f", os.O_RDWR)  # a lower file, copied up on open for write

@@ -50,9 +50,16 @@ class SetAttrs:
 class Changes:
     """Entries made and changed in the upper of a `Union`."""
 
-    def __init__(self, view: Union, copier: CopyUp) -> None:
+    def __init__(self, view: Union, copier: CopyUp, writeback: bool = False) -> None:
         self.view = view
         self.copier = copier
+        #: The kernel caches writes (FUSE writeback cache): it may read a page through a
+        #: file opened for writing only, so such files are opened read-write here.
+        self.writeback = writeback
+
+    def _access(self, flags: int) -> int:
+        access = flags & os.O_ACCMODE
+        return os.O_RDWR if self.writeback and access == os.O_WRONLY else access
 
     # ---------------------------------------------------------------- creating
 
@@ -124,7 +131,7 @@ class Changes:
         """Create a regular file and open it; returns the node and the open fd."""
         await self._prepare_create(parent, name)
         uid, gid, _ = self._owner(parent, caller)
-        access = flags & os.O_ACCMODE
+        access = self._access(flags)
         perm = stat.S_IMODE(mode)  # the kernel applied the umask
         opened: list[int] = []
 
@@ -214,6 +221,9 @@ class Changes:
 
     async def setattr(self, node: Node, attrs: SetAttrs, fd: int | None) -> None:
         node.changed()
+        if not node.live:
+            self._setattr_unlinked(node, attrs, fd)
+            return
         if node.parent is not None:
             if attrs.size is None:
                 data = Data.LATER
@@ -247,6 +257,28 @@ class Changes:
                      st.st_mtime_ns if attrs.mtime_ns is None else attrs.mtime_ns)
             self._at(node, lambda d, n: os.utime(n, ns=times, dir_fd=d, follow_symlinks=False),
                      lambda fd_: os.utime(fd_, ns=times))
+
+    def _setattr_unlinked(self, node: Node, attrs: SetAttrs, fd: int | None) -> None:
+        """A change to a file whose name is gone (still open, or its cached times flushed
+        by the kernel after the unlink): on an fd of its own upper entry, if one is open;
+        else nothing is left to change."""
+        self.view.need_upper()
+        if fd is None:
+            fd = next((h.fd for h in node.handles or () if h.source is self.view.upper
+                       and node.data is None), None)
+        if fd is None:
+            return
+        if attrs.size is not None:
+            os.ftruncate(fd, attrs.size)
+        if attrs.uid is not None or attrs.gid is not None:
+            os.fchown(fd, -1 if attrs.uid is None else attrs.uid,
+                      -1 if attrs.gid is None else attrs.gid)
+        if attrs.mode is not None:
+            os.fchmod(fd, stat.S_IMODE(attrs.mode))
+        if attrs.atime_ns is not None or attrs.mtime_ns is not None:
+            st = os.fstat(fd)
+            os.utime(fd, ns=(st.st_atime_ns if attrs.atime_ns is None else attrs.atime_ns,
+                             st.st_mtime_ns if attrs.mtime_ns is None else attrs.mtime_ns))
 
     def _at(self, node: Node, at: Callable[[int, bytes], None],
             on_fd: Callable[[int], None]) -> None:
@@ -285,7 +317,7 @@ class Changes:
             await self.copier.copy_up(node, Data.DROP if flags & os.O_TRUNC else Data.COPY)
             if flags & os.O_TRUNC:
                 node.changed()
-        return self.view.open_data(node, flags)
+        return self.view.open_data(node, (flags & ~os.O_ACCMODE) | self._access(flags))
 
 
 def _has_default_acl(dir_fd: int) -> bool:

@@ -119,6 +119,7 @@ def parse_config(argv: list[str]) -> tuple[MountConfig, argparse.Namespace]:
     fsync = True
     metacopy: bool | None = None
     userxattr = False
+    writeback = False
     ids: dict[str, str] = {}
     for text in args.options:
         for item in split_options(text):
@@ -135,6 +136,8 @@ def parse_config(argv: list[str]) -> tuple[MountConfig, argparse.Namespace]:
                 metacopy = value == "on"
             elif item == "userxattr":
                 userxattr = True
+            elif key == "writeback" and value in ("0", "1", "on", "off"):
+                writeback = value in ("1", "on")
             elif key in ("uidmapping", "gidmapping", "squash_to_uid", "squash_to_gid",
                          "squash_to_root"):
                 ids[key] = value
@@ -159,7 +162,7 @@ def parse_config(argv: list[str]) -> tuple[MountConfig, argparse.Namespace]:
     config = MountConfig(lowers=_layers(lowers, args.store), upper=upper, workdir=workdir,
                          mountpoint=mountpoint, fuse_options=frozenset(fuse),
                          mount_flags=tuple(flags), fsync=fsync, metacopy=metacopy,
-                         userxattr=userxattr,
+                         userxattr=userxattr, writeback=writeback,
                          uid_map=_id_map(ids, "uid"), gid_map=_id_map(ids, "gid"))
     return config, args
 

@@ -24,9 +24,10 @@ class Core:
 
 
 def build(stack: Stack, work_fd: int | None, *, fsync: bool = True, metacopy: bool = True,
-          read_only: bool = False, markers: whiteout.Markers = whiteout.TRUSTED) -> Core:
+          read_only: bool = False, markers: whiteout.Markers = whiteout.TRUSTED,
+          writeback: bool = False) -> Core:
     """The parts serving *stack*; *work_fd* (the workdir's ``work``) is None exactly
     when nothing may be written."""
     view = Union(stack.layers, read_only=read_only or work_fd is None)
     copier = CopyUp(view, work_fd, fsync, metacopy, markers)
-    return Core(view, copier, Changes(view, copier), Removal(view, copier))
+    return Core(view, copier, Changes(view, copier, writeback), Removal(view, copier))

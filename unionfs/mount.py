@@ -135,7 +135,8 @@ def build_core(config: MountConfig) -> core.Core:
     # The kernel refuses metacopy=on with userxattr: off there, unless asked for.
     metacopy = config.metacopy if config.metacopy is not None else markers is whiteout.TRUSTED
     return core.build(stack, work_fd, fsync=config.fsync, metacopy=metacopy,
-                      read_only=config.read_only, markers=markers)
+                      read_only=config.read_only, markers=markers,
+                      writeback=config.writeback)
 
 
 def mount_flags(config: MountConfig) -> list[str]:

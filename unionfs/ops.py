@@ -137,6 +137,10 @@ class UnionOperations(pyfuse3.Operations):
                  gid_map: IdMap = IDENTITY) -> None:
         super().__init__()
         self.core = core
+        #: pyfuse3 asks for the kernel's writeback cache when this is set: writes are
+        #: cached and sent in pages, mtime and size kept by the kernel until flushed
+        #: (files opened for writing are opened read-write: `Changes.writeback`).
+        self.enable_writeback_cache = core.changes.writeback
         self.view = core.view
         self.handles = HandleTable()
         self.uid_map = uid_map
