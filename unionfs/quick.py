@@ -8,7 +8,16 @@ starting Python.
 from __future__ import annotations
 
 import os
+import socket
+import struct
 import sys
+
+#: The protocol with the warm server (`zygote`): a request is the version, the cwd,
+#: the environment and argv, NUL-separated, after its length; a reply is the exit
+#: status, then what the command printed on stderr.
+VERSION = b"unionfs-zygote-1"
+STATUS = struct.Struct("!i")
+STALE = 254  # the server's code is not the code on disk: mount without it
 
 #: Options that make a command line something other than a background mount.
 _NOT_A_MOUNT = {"-f", "--foreground", "-h", "--help", "--version"}
@@ -21,15 +30,56 @@ def main() -> int:
     argv = sys.argv[1:]
     if (os.environ.get("UNIONFS_ZYGOTE", "1") != "0" and argv and argv[0] not in _COMMANDS
             and not _NOT_A_MOUNT & set(argv)):
-        from unionfs import zygote
-
-        path = zygote.socket_path()
-        answer = zygote.request(argv, path)
+        path = socket_path()
+        answer = request(argv, path)
         if answer is not None:
             status, printed = answer
             sys.stderr.buffer.write(printed)
             return status
+        from unionfs import zygote
+
         zygote.start(path)
     from unionfs import cli
 
     return cli.main(argv)
+
+
+def socket_path() -> str:
+    """Where this caller's server listens (its uid, user and mount namespace)."""
+    base = os.environ.get("UNIONFS_ZYGOTE_DIR") or ""
+    if not base and os.geteuid() == 0:
+        base = "/run/unionfs"
+    elif not base:
+        base = os.path.join(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/unionfs-{os.getuid()}",
+                            "unionfs")
+    userns = os.stat("/proc/self/ns/user").st_ino
+    mntns = os.stat("/proc/self/ns/mnt").st_ino
+    return os.path.join(base, f"zygote-{userns}-{mntns}.sock")
+
+
+def request(argv: list[str], path: str, timeout: float = 120.0) -> tuple[int, bytes] | None:
+    """Ask the server at *path* to run *argv*; (status, stderr), or None when there is
+    no (usable) server: then the caller mounts by itself."""
+    try:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    except OSError:
+        return None
+    with conn:
+        conn.settimeout(timeout)
+        try:
+            conn.connect(path)
+            env = [key + b"=" + value for key, value in os.environb.items()]
+            body = b"\0".join([VERSION, os.getcwdb(), b"%d" % len(env), *env,
+                               *(os.fsencode(arg) for arg in argv)])
+            conn.sendall(STATUS.pack(len(body)) + body)
+            reply = b""
+            while chunk := conn.recv(65536):
+                reply += chunk
+        except OSError:
+            return None
+    if len(reply) < STATUS.size:
+        return None
+    (status,) = STATUS.unpack(reply[:STATUS.size])
+    if status == STALE:
+        return None
+    return status, reply[STATUS.size:]

@@ -30,24 +30,9 @@ import socket
 import struct
 import sys
 
+from unionfs.quick import STALE, STATUS, VERSION
+
 _UCRED = struct.Struct("3i")
-_VERSION = b"unionfs-zygote-1"
-#: A reply: the exit status, then what the command printed on stderr.
-_STATUS = struct.Struct("!i")
-STALE = 254  # the server's code is not the code on disk: mount without it
-
-
-def socket_path() -> str:
-    """Where this caller's server listens (its uid, user and mount namespace)."""
-    base = os.environ.get("UNIONFS_ZYGOTE_DIR") or ""
-    if not base and os.geteuid() == 0:
-        base = "/run/unionfs"
-    elif not base:
-        base = os.path.join(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/unionfs-{os.getuid()}",
-                            "unionfs")
-    userns = os.stat("/proc/self/ns/user").st_ino
-    mntns = os.stat("/proc/self/ns/mnt").st_ino
-    return os.path.join(base, f"zygote-{userns}-{mntns}.sock")
 
 
 # ------------------------------------------------------------------ the server
@@ -65,7 +50,7 @@ def serve(path: str) -> int:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return 0  # another server is already here
-    from unionfs import cli, mount  # noqa: F401 - the imports this server exists for
+    from unionfs import cli, images, mount, oci  # noqa: F401 - what this server is for
 
     loaded = _code_stamp()
     idle = float(os.environ.get("UNIONFS_ZYGOTE_IDLE", "900"))
@@ -90,7 +75,7 @@ def serve(path: str) -> int:
                 continue
             with conn:
                 if _code_stamp() != loaded:
-                    conn.sendall(_STATUS.pack(STALE))
+                    conn.sendall(STATUS.pack(STALE))
                     return 0
                 if os.fork() == 0:
                     listener.close()
@@ -124,7 +109,7 @@ def _handle(conn: socket.socket) -> int:
         return 1
     request = _receive(conn)
     parts = request.split(b"\0")
-    if parts[0] != _VERSION:
+    if parts[0] != VERSION:
         return 1
     cwd, env_count = parts[1], int(parts[2])
     env = parts[3:3 + env_count]
@@ -147,13 +132,13 @@ def _handle(conn: socket.socket) -> int:
         print(f"unionmount: {exc}", file=captured)
     finally:
         sys.stderr = real_stderr
-    conn.sendall(_STATUS.pack(status) + captured.getvalue().encode(errors="replace"))
+    conn.sendall(STATUS.pack(status) + captured.getvalue().encode(errors="replace"))
     conn.shutdown(socket.SHUT_WR)
     return 0
 
 
 def _receive(conn: socket.socket) -> bytes:
-    (size,) = _STATUS.unpack(_exactly(conn, _STATUS.size))
+    (size,) = STATUS.unpack(_exactly(conn, STATUS.size))
     return _exactly(conn, size)
 
 
@@ -167,35 +152,7 @@ def _exactly(conn: socket.socket, size: int) -> bytes:
     return data
 
 
-# ------------------------------------------------------------------ the client
-
-
-def request(argv: list[str], path: str, timeout: float = 120.0) -> tuple[int, bytes] | None:
-    """Ask the server at *path* to run *argv*; (status, stderr), or None when there is
-    no (usable) server: then the caller mounts by itself."""
-    try:
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    except OSError:
-        return None
-    with conn:
-        conn.settimeout(timeout)
-        try:
-            conn.connect(path)
-            env = [key + b"=" + value for key, value in os.environb.items()]
-            body = b"\0".join([_VERSION, os.getcwdb(), b"%d" % len(env), *env,
-                               *(os.fsencode(arg) for arg in argv)])
-            conn.sendall(_STATUS.pack(len(body)) + body)
-            reply = b""
-            while chunk := conn.recv(65536):
-                reply += chunk
-        except OSError:
-            return None
-    if len(reply) < _STATUS.size:
-        return None
-    (status,) = _STATUS.unpack(reply[:_STATUS.size])
-    if status == STALE:
-        return None
-    return status, reply[_STATUS.size:]
+# ------------------------------------------------------------------ starting it
 
 
 def start(path: str) -> None:
