@@ -46,6 +46,12 @@ def zdir(tmp_path: Path):
         wait_until(lambda p=pid: not pid_alive(p), 10)
 
 
+def _listening(zdir: Path) -> bool:
+    """A server is there and has its socket bound (it binds after its imports)."""
+    return bool(_zygotes(zdir)) and zdir.is_dir() and any(
+        p.suffix == ".sock" for p in zdir.iterdir())
+
+
 def _run(zdir: Path, *args: object, **env: str) -> subprocess.CompletedProcess[str]:
     full = {**os.environ, "UNIONFS_ZYGOTE_DIR": str(zdir), **env}
     return subprocess.run([UNIONMOUNT, *map(str, args)], capture_output=True, text=True,
@@ -79,7 +85,7 @@ def test_the_second_mount_is_done_by_the_warm_server(tmp_path: Path, zdir: Path)
         _unmount(mnt)
         logs.append(log.read_text())
         if n == 0:
-            assert wait_until(lambda: bool(_zygotes(zdir)), 30), "no server was started"
+            assert wait_until(lambda: _listening(zdir), 90), "no server was started"
     assert "started by unionmount itself" in logs[0]
     assert "started by the warm server" in logs[1] and "started by the warm server" in logs[2]
     assert sorted(os.listdir(upper)) == ["new0", "new1", "new2"]
@@ -94,7 +100,7 @@ def test_bad_input_through_the_server_is_one_line(tmp_path: Path, zdir: Path) ->
     r = _run(zdir, lower, "--upper", upper, "--log", tmp_path / "log", mnt)
     assert r.returncode == 0, r.stderr
     _unmount(mnt)
-    assert wait_until(lambda: bool(_zygotes(zdir)), 30)
+    assert wait_until(lambda: _listening(zdir), 90)
     for args, message in (([f"{lower}:", mnt], "empty layer"),
                           ([tmp_path / "missing", mnt], "does not exist")):
         r = _run(zdir, *args)
@@ -108,12 +114,12 @@ def test_a_stale_or_idle_server_steps_aside(tmp_path: Path, zdir: Path) -> None:
     lower, upper, mnt = _layers(tmp_path)
     assert _run(zdir, lower, "--upper", upper, mnt, UNIONFS_ZYGOTE_IDLE="2").returncode == 0
     _unmount(mnt)
-    assert wait_until(lambda: bool(_zygotes(zdir)), 30)
+    assert wait_until(lambda: _listening(zdir), 90)
     # Idle for 2 s: it exits by itself.
     assert wait_until(lambda: not _zygotes(zdir), 30), "the idle server did not exit"
     assert _run(zdir, lower, "--upper", upper, mnt).returncode == 0
     _unmount(mnt)
-    assert wait_until(lambda: bool(_zygotes(zdir)), 30)
+    assert wait_until(lambda: _listening(zdir), 90)
     # The code on disk changes (a new mtime): the server says so and exits; the mount
     # is made all the same.
     module = Path(quick.__file__)
