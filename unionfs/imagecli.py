@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable
 from typing import NoReturn
 
 from unionfs import images, ociexport, storeinfo, tools
-from unionfs.config import ConfigError, LayerError, check_dir, parse_layers
+from unionfs.config import ConfigError, check_dir, parse_layers
 from unionfs.layers import open_stack
 from unionfs.oci import is_reference
 from unionfs.store import Store, default_path
@@ -45,25 +44,9 @@ def main(argv: list[str]) -> int:
         print(f"unionmount: unknown command {argv[0] if argv else ''!r}", file=sys.stderr)
         return 2
     command = argv[0]
-    run: dict[str, Callable[[list[str]], int]] = {
+    commands: dict[str, Callable[[list[str]], int]] = {
         "commit": _commit, "squash": _squash, "store": _store}
-    try:
-        return run[command](argv[1:])
-    except ConfigError as exc:
-        print(f"unionmount: {exc}", file=sys.stderr)
-        return exc.exitcode
-    except LayerError as exc:
-        print(f"unionmount: {command}: {exc}", file=sys.stderr)
-        return exc.exitcode
-    except OSError as exc:
-        name = exc.filename
-        where = f": {os.fsdecode(name)}" if name is not None else ""
-        print(f"unionmount: {command}: {exc.strerror or exc}{where}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    except SystemExit as exc:  # --help
-        return exc.code if isinstance(exc.code, int) else 0
+    return tools.run(command, lambda: commands[command](argv[1:]))
 
 
 def _store_option(parser: argparse.ArgumentParser) -> None:

@@ -47,8 +47,14 @@ def main(argv: list[str]) -> int:
     if command not in commands:
         print(f"unionmount: unknown command {command!r}", file=sys.stderr)
         return 2
+    return run(command, lambda: commands[command](args))
+
+
+def run(command: str, call: Callable[[], int]) -> int:
+    """Run one offline command: its errors become one line on stderr and an exit code
+    (the boundary of every command that does not mount)."""
     try:
-        return commands[command](args)
+        return call()
     except ConfigError as exc:
         print(f"unionmount: {exc}", file=sys.stderr)
         return exc.exitcode
