@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from unionfs import whiteout
 from unionfs.copyup import CopyUp, Data, temp_name
-from unionfs.inodes import Node
+from unionfs.inodes import Node, NodeState
 from unionfs.layers import Found, lstat_at, open_dir_at
 from unionfs.sysc import RENAME_EXCHANGE, fd_path, remove_at, renameat2
 from unionfs.union import VIRTUAL_XATTRS, Union, error
@@ -219,9 +219,28 @@ class Changes:
 
     # ---------------------------------------------------------------- changing
 
+    def _found(self, node: Node) -> bool:
+        """Whether *node* has a name (after looking for another one where it lost its)."""
+        if node.state is NodeState.HOMELESS:
+            self.copier.rehome(node)
+        return node.live
+
+    def _own_fd(self, node: Node) -> int | None:
+        """For a node whose name is gone (UNLINKED, or HOMELESS: its other names not
+        found yet): an fd of one of its open files on its own upper entry, through
+        which a change still reaches the inode."""
+        return next((h.fd for h in node.handles or () if h.source is self.view.upper
+                     and node.data is None), None)
+
+    def _gone(self, node: Node) -> OSError:
+        """What a change of a node without a name and without an open upper file gets:
+        a lower file deleted while open (the kernel would copy it up without a name,
+        which we cannot: the change is refused, never made to bring the name back)."""
+        return error(errno.ENOENT, node.name)
+
     async def setattr(self, node: Node, attrs: SetAttrs, fd: int | None) -> None:
         node.changed()
-        if not node.live:
+        if not self._found(node):
             self._setattr_unlinked(node, attrs, fd)
             return
         if node.parent is not None:
@@ -258,16 +277,24 @@ class Changes:
             self._at(node, lambda d, n: os.utime(n, ns=times, dir_fd=d, follow_symlinks=False),
                      lambda fd_: os.utime(fd_, ns=times))
 
+    def _unnamed_fd(self, node: Node) -> int:
+        self.view.need_upper()
+        fd = self._own_fd(node)
+        if fd is None:
+            raise self._gone(node)
+        return fd
+
     def _setattr_unlinked(self, node: Node, attrs: SetAttrs, fd: int | None) -> None:
         """A change to a file whose name is gone (still open, or its cached times flushed
         by the kernel after the unlink): on an fd of its own upper entry, if one is open;
         else nothing is left to change."""
         self.view.need_upper()
         if fd is None:
-            fd = next((h.fd for h in node.handles or () if h.source is self.view.upper
-                       and node.data is None), None)
+            fd = self._own_fd(node)
         if fd is None:
-            return
+            if node.layer is not self.view.upper:
+                raise self._gone(node)
+            return  # nothing of it is left to change
         if attrs.size is not None:
             os.ftruncate(fd, attrs.size)
         if attrs.uid is not None or attrs.gid is not None:
@@ -294,8 +321,11 @@ class Changes:
         self.view.need_upper()
         if name in VIRTUAL_XATTRS or whiteout.is_internal_xattr(name):
             raise error(errno.EPERM)
-        await self.copier.copy_up_any(node)
-        self.view.xattr_call(node, os.setxattr, name, value)
+        if self._found(node):
+            await self.copier.copy_up_any(node)
+            self.view.xattr_call(node, os.setxattr, name, value)
+        else:
+            os.setxattr(self._unnamed_fd(node), name, value)
         node.changed()  # ctime, and the mode when it is an ACL
 
     async def removexattr(self, node: Node, name: str) -> None:
@@ -304,6 +334,10 @@ class Changes:
             raise error(errno.EPERM)
         if whiteout.is_internal_xattr(name):
             raise error(errno.ENODATA)
+        if not self._found(node):
+            os.removexattr(self._unnamed_fd(node), name)
+            node.changed()
+            return
         self.view.getxattr(node, name)  # ENODATA before any copy-up
         await self.copier.copy_up_any(node)
         self.view.xattr_call(node, os.removexattr, name)
@@ -313,7 +347,14 @@ class Changes:
 
     async def open(self, node: Node, flags: int) -> int:
         """Open *node*: for writing (or O_TRUNC) in the upper, after a copy-up."""
-        if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
+        writing = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
+        if writing and not self._found(node):
+            # Reopened through /proc/self/fd after its name went: the same inode.
+            keep = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND
+                             | os.O_ACCMODE)
+            return os.open(fd_path(self._unnamed_fd(node)),
+                           keep | self._access(flags) | os.O_CLOEXEC)
+        if writing:
             await self.copier.copy_up(node, Data.DROP if flags & os.O_TRUNC else Data.COPY)
             if flags & os.O_TRUNC:
                 node.changed()

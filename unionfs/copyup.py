@@ -111,6 +111,10 @@ class CopyUp:
         a regular file's data."""
         upper = self.view.need_upper()
         await self.settle(node)
+        if node.layer is not upper and not node.live:
+            # Its name is gone (a whiteout, or another name of the inode): a copy
+            # renamed there would bring the name back.
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), node.name)
         if node.layer is not upper:
             assert node.parent is not None
             await self.copy_up(node.parent)
@@ -140,6 +144,21 @@ class CopyUp:
             return
         if self.view.stat(node).st_nlink > 1:
             await self.copy_up(node)
+
+    def rehome(self, node: Node) -> None:
+        """Give a HOMELESS node (the name it was reached by is gone; the kernel knows no
+        other yet) one of its other names again, found through the scan of its layer
+        (a link group is copied up whole, so its names are those of the lower inode)."""
+        view = self.view
+        inos = {key & ((1 << 64) - 1) for key in node.keys}
+        for table in self._multi_linked.values():
+            for ino in inos:
+                for path in table.get(ino, ()):
+                    parent = view.resolve_dir(path[:-1])
+                    if parent is not None:
+                        view.lookup(parent, path[-1])  # finds the node: a new home
+                    if node.live:
+                        return
 
     async def name_in_upper(self, node: Node, parent: Node, name: bytes) -> None:
         """Make sure the entry *name* in *parent* (a name of *node*) exists in the upper.

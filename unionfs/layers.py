@@ -128,6 +128,8 @@ def find_entry(parent_layers: Sequence[Layer], fd_of: DirFdGetter, name: bytes
     *fd_of(layer)* gives the parent directory's fd in that layer. Returns None when the
     name is absent or whited out; raises OSError on I/O errors.
     """
+    if whiteout.is_marker_name(name):
+        return None  # never an entry: a listing does not show it either
     winner: tuple[Layer, os.stat_result] | None = None
     dirs: list[Layer] = []
     for pos, layer in enumerate(parent_layers):
@@ -309,29 +311,6 @@ def _follow(redirect: bytes, target: bytes, path: tuple[bytes, ...] | None
     return target, path
 
 
-def _data_below(layers: Sequence[Layer], fd_of: DirFdGetter, name: bytes,
-                path: tuple[bytes, ...] | None) -> tuple[Layer, int, os.stat_result] | None:
-    """The first of *layers* holding *name* (in the merged parent, or at *path*): the
-    layer, the fd of its parent directory (owned by the caller when *path* is set) and
-    the entry's stat. None when a whiteout or nothing is found."""
-    for layer in layers:
-        if path is None:
-            fd = fd_of(layer)
-        else:
-            try:
-                fd = open_parent(layer, path)
-            except FileNotFoundError:
-                continue
-        st = lstat_at(fd, name)
-        if st is not None and not whiteout.is_whiteout(st):
-            return layer, fd, st
-        if path is not None:
-            os.close(fd)
-        if st is not None or whiteout.has_oci_whiteout(fd if path is None else -1, name):
-            return None
-    return None
-
-
 def open_parent(layer: Layer, path: tuple[bytes, ...]) -> int:
     """Open the directory holding *path* (components from the root of *layer*), never
     following a symlink; the caller closes it. Raises FileNotFoundError when a component
@@ -409,6 +388,10 @@ class DirFdCache:
         while len(self._fds) > self.capacity:
             _, victim = self._fds.popitem(last=False)
             os.close(victim)
+
+    def close(self) -> None:
+        while self._fds:
+            os.close(self._fds.popitem()[1])
 
     def drop_inode(self, inode: int, layer_indices: Sequence[int]) -> None:
         for index in layer_indices:

@@ -1,0 +1,1 @@
+"""Unit tests: the modules of unionfs/ called in-process on temp dirs, no mount."""
