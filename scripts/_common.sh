@@ -23,9 +23,11 @@ BASE_APT_PKGS=(fuse3 libfuse3-dev pkg-config python3 python3-venv python3-dev gc
 TEST_APT_PKGS=(
     fuse-overlayfs attr acl dosfstools e2fsprogs psmisc util-linux
     podman runc buildah busybox-static debootstrap skopeo docker-registry
+    passwd uidmap
 )
-# scripts/bench: the other mount program and the benchmark tools.
-BENCH_APT_PKGS=(fuse-overlayfs fio dbench)
+# scripts/bench: the other mount program, the benchmark tools, and for the real workloads
+# debootstrap (the Debian base), podman, buildah and runc (the runtime its containers.conf names).
+BENCH_APT_PKGS=(fuse-overlayfs fio dbench debootstrap podman buildah runc)
 # scripts/demo: getfattr.
 DEMO_APT_PKGS=(attr)
 
