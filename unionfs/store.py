@@ -8,6 +8,8 @@
     STORE/images/SHA.json             a reference that uses layers, and which
     STORE/tmp/                        layers being unpacked (each directory locked by its
                                       maker; an unlocked one was left by a crash)
+    STORE/tmp.lock                    shared while a temporary directory is made and
+                                      locked, exclusive while the sweep looks for left ones
 
 A layer directory exists only when it is complete and verified: the blob is unpacked with
 `ociimport.import_layer` into a directory in STORE/tmp while the blob's digest (against
@@ -180,10 +182,13 @@ class Store:
     def _temp(self, prefix: str) -> Iterator[str]:
         """A new directory in STORE/tmp, locked while in use and removed afterwards
         (unless renamed away)."""
-        tmp = tempfile.mkdtemp(prefix=prefix, dir=os.path.join(self.root, "tmp"))
-        fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
+        # Made and locked under the shared sweep lock: the sweep never sees the
+        # directory between its creation and its lock (it would take it for left over).
+        with self._flock(self._sweep_lock, fcntl.LOCK_SH):
+            tmp = tempfile.mkdtemp(prefix=prefix, dir=os.path.join(self.root, "tmp"))
+            fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
             yield tmp
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -197,6 +202,22 @@ class Store:
     def clean_temps(self) -> int:
         """Remove what crashed processes left in STORE/tmp: the directories nobody holds
         locked. Returns how many."""
+        fd = os.open(self._sweep_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                     0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return 0  # a directory is being made right now: sweep another time
+            return self._sweep()
+        finally:
+            os.close(fd)
+
+    @property
+    def _sweep_lock(self) -> str:
+        return os.path.join(self.root, "tmp.lock")
+
+    def _sweep(self) -> int:
         tmp_dir = os.path.join(self.root, "tmp")
         removed = 0
         for name in os.listdir(tmp_dir):
