@@ -1,8 +1,9 @@
 """Benchmark unionmount against fuse-overlayfs and kernel overlayfs on the same layer stacks.
 
-Run it through scripts/bench, which installs fuse-overlayfs and REPO/.venv first.
+Run it through scripts/bench, which installs what it needs (BENCH_APT_PKGS) and REPO/.venv.
 
-The layer stacks are built once and cached (REPO/.bench-cache/stack-<size>-v<N>-<hash>):
+Synthetic workloads (--synthetic), on layer stacks built once and cached
+(REPO/.bench-cache/stack-<size>-v<N>-<hash>):
   main: base (tree/aA/bBB/fFF: small files of 0-30 KiB in ~1,000 directories, big/big0..2),
         mid (overrides 10% of base, adds a file to every leaf directory),
         top (overrides 1%, adds files, whites out 1%, one opaque directory);
@@ -10,15 +11,25 @@ The layer stacks are built once and cached (REPO/.bench-cache/stack-<size>-v<N>-
   deep: 100 layers l000 (bottom) .. l099 (top), each adding files to shared/;
         shared/bottom-only exists in l000 alone.
 
+Real workloads (--real), on a Debian minbase built once with debootstrap from the host's apt
+source, a layer of .debs and the layer `apt-get install python3 git gcc make` writes (cached
+in --debian-cache; scripts/bench_real.py): the mount podman does; apt-get install, python3 -m
+compileall and rm -rf in a chroot on the union; fio and dbench on it; podman run, buildah bud
+and podman commit on a containers-storage that uses each system (scripts/bench_podman.py).
+
 Every scenario mounts each system on a fresh upper and workdir, drops the page cache
 (cold), then times its steps one after the other on that mount: a step that repeats the
 one before it is the warm figure. Scenarios with a timed mount drop the cache before the
-mount instead. The table shows medians over --repeat runs and each one's ratio to the kernel.
+mount instead; podman's and the Debian mount are timed warm. The table shows medians over
+--repeat runs and each one's ratio to the kernel (above 1: slower; for a throughput, the
+kernel's over this one). --count-requests adds the FUSE requests each step sent, by type
+(scripts/bench_trace.py). --userns runs the synthetic workloads in a user namespace.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -31,22 +42,39 @@ import shlex
 import shutil
 import signal
 import stat
-import statistics
 import subprocess
 import sys
 import tarfile
 import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import bench_core
+import bench_podman
+import bench_real
+import bench_report
+import bench_trace
+import debian_base
+from bench_core import (
+    MIB,
+    SYSTEMS,
+    Figure,
+    Mount,
+    Mounter,
+    Scenario,
+    Stack,
+    Step,
+    drop_caches,
+    log,
+    peak_rss_kib,
+    shell,
+)
+from bench_report import Result
+
 REPO = Path(__file__).resolve().parent.parent
-STACK_VERSION = 2  # bump when the stack's layout changes: the cache is keyed by it
+STACK_VERSION = 3  # bump when the stack's layout changes: the cache is keyed by it
 SEED = 20260101
-MIB = 1 << 20
-SYSTEMS = ("kernel", "fuse-overlayfs", "unionmount")
-MOUNT_TIMEOUT = 60.0
-STEP_TIMEOUT = 900.0
+USERNS_ENV = "UNIONFS_BENCH_IN_USERNS"  # set in the child that runs in the user namespace
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,9 +112,6 @@ SMALL = Params(
 )
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
 
 # ---------------------------------------------------------------------------------------------
 # Building the stacks
@@ -122,7 +147,8 @@ def build_stacks(p: Params, dest: Path) -> None:
     for leaf in leaves[::10]:
         put(top / leaf / "top-extra", small())
     # Whiteouts (char 0/0) in the top layer for 1% of base files, and one opaque directory
-    # with none inside (the kernel would list a whiteout in a directory no layer merges into).
+    # with none inside (the kernel would list a whiteout in a directory no layer merges into),
+    # marked for a mount by root and for one in a user namespace (--userns).
     for rel in rng.sample(files, len(files) // 100):
         if not (top / rel).exists() and not rel.startswith(leaves[1] + "/"):
             (top / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -131,6 +157,7 @@ def build_stacks(p: Params, dest: Path) -> None:
     opaque.mkdir(parents=True, exist_ok=True)
     put(opaque / "only-in-top", small())
     os.setxattr(opaque, "trusted.overlay.opaque", b"y")
+    os.setxattr(opaque, "user.overlay.opaque", b"y")  # what the kernel reads with userxattr
 
     # merged/: half the names in base, 30% in mid, 20% in top, some base names overridden.
     n = p.merged_entries
@@ -185,14 +212,6 @@ def ensure_stacks(p: Params, cache: Path) -> tuple[Path, float | None]:
     return final, took
 
 
-@dataclasses.dataclass(frozen=True)
-class Stack:
-    """Lower layers, top-most first, as names relative to root."""
-
-    root: Path
-    lowers: tuple[str, ...]
-
-
 def stacks_of(root: Path, p: Params) -> dict[str, Stack]:
     deep = tuple(f"l{i:03d}" for i in reversed(range(p.deep_layers)))
     return {
@@ -201,185 +220,6 @@ def stacks_of(root: Path, p: Params) -> dict[str, Stack]:
     }
 
 
-# ---------------------------------------------------------------------------------------------
-# Mounting the three systems
-
-
-class MountError(Exception):
-    pass
-
-
-def fuse_holders() -> set[int]:
-    """PIDs that hold /dev/fuse open: the FUSE daemons."""
-    pids = set()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            for fd in os.scandir(f"/proc/{entry.name}/fd"):
-                if os.readlink(fd.path) == "/dev/fuse":
-                    pids.add(int(entry.name))
-                    break
-        except OSError:
-            continue
-    return pids
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
-    except OSError:
-        return False
-
-
-def peak_rss_kib(pid: int | None) -> int | None:
-    if pid is None:
-        return None
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def run(label: str, cmd: list[str], timeout: float, cwd: Path | None = None) -> str:
-    """Run cmd, return its stdout; raise MountError with its last line of stderr on failure."""
-    try:
-        proc = subprocess.run(
-            cmd, check=False, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True,
-            text=True, timeout=timeout,
-        )
-    except subprocess.TimeoutExpired as e:
-        raise MountError(f"{label}: {shlex.join(cmd)}: timed out after {timeout:.0f} s") from e
-    if proc.returncode != 0:
-        msg = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
-        raise MountError(f"{label}: {msg}")
-    return proc.stdout
-
-
-@dataclasses.dataclass
-class Mount:
-    system: str
-    mnt: Path
-    pid: int | None  # the FUSE daemon
-    seconds: float  # from running the mount command until the mount point answers
-    killed: bool = False
-
-    def kill(self) -> None:
-        """Unstick a hung mount: a dead daemon fails every pending request with ENOTCONN."""
-        if self.pid is not None and pid_alive(self.pid):
-            self.killed = True
-            os.kill(self.pid, signal.SIGKILL)
-
-
-class Mounter:
-    """Mounts and unmounts; remembers what is mounted so that close() can clean up."""
-
-    def __init__(self, unionmount: list[str]) -> None:
-        self.unionmount = unionmount
-        self.live: list[Mount] = []
-
-    def mount(self, system: str, stack: Stack, upper: Path, work: Path, mnt: Path,
-              daemon_log: Path) -> Mount:
-        before = fuse_holders()
-        lowers_abs = ":".join(str(stack.root / name) for name in stack.lowers)
-        cwd = None
-        if system == "kernel":
-            # Relative lowerdirs, resolved against cwd: 100 absolute paths overflow the
-            # one page that mount(2) takes for options.
-            opts = f"lowerdir={':'.join(stack.lowers)},upperdir={upper},workdir={work}"
-            cmd, cwd = ["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)], stack.root
-        elif system == "fuse-overlayfs":
-            opts = f"lowerdir={lowers_abs},upperdir={upper},workdir={work}"
-            cmd = ["fuse-overlayfs", "-o", opts, str(mnt)]
-        else:
-            cmd = [*self.unionmount, lowers_abs, "--upper", str(upper), "--workdir", str(work),
-                   "--log", str(daemon_log), str(mnt)]
-        # A daemon that never answers would hang the liveness check (a stat of mnt) for good:
-        # killing it makes that stat fail instead.
-        watchdog = threading.Timer(MOUNT_TIMEOUT, self._kill_daemons, (before, mnt))
-        watchdog.start()
-        try:
-            t0 = time.perf_counter()
-            run(f"{system} mount", cmd, MOUNT_TIMEOUT, cwd=cwd)
-            deadline = time.monotonic() + MOUNT_TIMEOUT
-            while not os.path.ismount(mnt):
-                if time.monotonic() > deadline:
-                    raise MountError(f"{system}: {mnt} is not live {MOUNT_TIMEOUT:.0f} s after "
-                                     "the mount command returned")
-                time.sleep(0.005)
-            took = time.perf_counter() - t0
-        except BaseException:
-            # Leave nothing behind: a half-started daemon, a mount that came up late.
-            self._kill_daemons(before, mnt)
-            subprocess.run(["umount", "-l", str(mnt)], check=False, capture_output=True)
-            raise
-        finally:
-            watchdog.cancel()
-        pid = None if system == "kernel" else next(iter(self._daemons(before, mnt)), None)
-        m = Mount(system, mnt, pid, took)
-        self.live.append(m)
-        return m
-
-    @staticmethod
-    def _daemons(before: set[int], mnt: Path) -> list[int]:
-        """New holders of /dev/fuse that name mnt: ours, not another user's FUSE daemon."""
-        return [p for p in sorted(fuse_holders() - before) if str(mnt).encode() in _cmdline(p)]
-
-    def _kill_daemons(self, before: set[int], mnt: Path) -> None:
-        for pid in self._daemons(before, mnt):
-            os.kill(pid, signal.SIGKILL)
-
-    def unmount(self, m: Mount) -> None:
-        self.live.remove(m)
-        if is_mounted(m.mnt):
-            tool = ["umount"] if m.system == "kernel" else ["fusermount3", "-u"]
-            cmd = [*tool, str(m.mnt)]
-            done = subprocess.run(cmd, check=False, stdin=subprocess.DEVNULL, capture_output=True)
-            if done.returncode:
-                subprocess.run(["umount", "-l", str(m.mnt)], check=False, capture_output=True)
-        if m.pid is not None:
-            deadline = time.monotonic() + 20
-            while pid_alive(m.pid) and time.monotonic() < deadline:
-                time.sleep(0.01)
-            if pid_alive(m.pid):
-                log(f"  {m.system}: daemon {m.pid} still alive 20 s after unmount, killing it")
-                os.kill(m.pid, signal.SIGKILL)
-
-    def close(self) -> None:
-        for m in list(self.live):
-            try:
-                self.unmount(m)
-            except OSError as e:
-                log(f"  cleanup of {m.mnt}: {e}")
-
-
-def is_mounted(path: Path) -> bool:
-    """Whether path is a mount point, from the mount table: no syscall on a mount that may hang."""
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == str(path) for line in f)
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read()
-    except OSError:
-        return b""
-
-
-# ---------------------------------------------------------------------------------------------
-# Workloads
-
-
-def drop_caches() -> None:
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3")
 
 
 def _raise(err: OSError) -> None:
@@ -406,16 +246,6 @@ def read_tree(root: Path) -> int:
             finally:
                 os.close(fd)
     return total
-
-
-def shell(template: str, *paths: Path) -> str:
-    """Run template through sh, with paths quoted into its {} fields; return its stdout."""
-    cmd = template.format(*(shlex.quote(str(path)) for path in paths))
-    proc = subprocess.run(cmd, check=False, shell=True, stdin=subprocess.DEVNULL,
-                          capture_output=True, text=True, timeout=STEP_TIMEOUT)
-    if proc.returncode != 0:
-        raise OSError(f"{cmd}: {(proc.stderr.strip().splitlines() or ['failed'])[-1]}")
-    return proc.stdout.strip()
 
 
 def append_byte(path: Path) -> int:
@@ -454,22 +284,6 @@ def rm_rf(path: Path) -> bool:
     return os.path.lexists(path)
 
 
-@dataclasses.dataclass(frozen=True)
-class Step:
-    row: str
-    fn: Callable[[Path], object]  # given the mount point; returns a value compared across systems
-
-
-@dataclasses.dataclass(frozen=True)
-class Scenario:
-    key: str
-    stack: str
-    steps: tuple[Step, ...]
-    mount_row: str | None = None  # time the mount itself (the cache is dropped before it)
-    setup: Callable[[Path], None] | None = None  # untimed, after mounting
-
-    def rows(self) -> list[str]:
-        return ([self.mount_row] if self.mount_row else []) + [s.row for s in self.steps]
 
 
 def scenarios(p: Params, tarball: Path) -> list[Scenario]:
@@ -535,166 +349,161 @@ def scenarios(p: Params, tarball: Path) -> list[Scenario]:
 # Running
 
 
-@dataclasses.dataclass
-class Result:
-    samples: dict[str, dict[str, list[float]]]  # row -> system -> seconds
-    errors: dict[str, dict[str, str]]  # row -> system -> first error
-    checks: dict[str, dict[str, str]]  # row -> system -> value of the step, first run
-    rss: dict[str, dict[str, int]]  # scenario -> system -> peak VmHWM in KiB
-
-
 class Runner:
-    def __init__(self, stacks: dict[str, Stack], run_dir: Path, mounter: Mounter) -> None:
+    def __init__(self, stacks: dict[str, Stack], run_dir: Path, mounter: Mounter,
+                 tracer: bench_trace.RequestTracer | None = None,
+                 storages: bench_podman.Storages | None = None) -> None:
         self.stacks, self.run_dir, self.mounter = stacks, run_dir, mounter
+        self.tracer, self.storages = tracer, storages
+        self.record = run_dir / "fuse-mounts.rec"  # what the podman wrappers mounted
         self.result = Result({}, {}, {}, {})
 
     def scenario(self, sc: Scenario, system: str) -> None:
-        """One run of sc on system: fresh upper, mount, steps, unmount. Raises on failure."""
+        """One run of sc on system: fresh upper, mount, steps, unmount (or the steps in
+        sc.session). Raises on failure."""
         base = self.run_dir / system
         shutil.rmtree(base, ignore_errors=True)
         upper, work, mnt, daemon_log = base / "upper", base / "work", base / "mnt", base / "log"
         for d in (upper, work, mnt):
             d.mkdir(parents=True)
+        logs_before = self.storages.logs() if self.storages else set()
         ok = False
         try:
-            if sc.mount_row:
-                drop_caches()
-            m = self.mounter.mount(system, self.stacks[sc.stack], upper, work, mnt, daemon_log)
-            try:
-                if sc.mount_row:
-                    self.record(sc.mount_row, system, m.seconds, None)
-                self.steps(sc, system, m)
-            finally:
-                self.mounter.unmount(m)
+            if sc.session is not None:
+                self.steps(sc, system, sc.session(system), None)
+            else:
+                stack = self.stacks[sc.stack or ""]
+                if sc.mount_row and sc.warm_mount:  # untimed: the programs' files are cached
+                    for d in (base / "warm-upper", base / "warm-work"):
+                        d.mkdir()
+                    self.mounter.unmount(self.mounter.mount(
+                        system, stack, base / "warm-upper", base / "warm-work", mnt,
+                        base / "warm-log"))
+                if sc.mount_row and sc.cold:
+                    drop_caches()
+                m = self.mounter.mount(system, stack, upper, work, mnt, daemon_log)
+                try:
+                    if sc.mount_row:
+                        self.record_sample(sc.mount_row, system, m.seconds, None)
+                    self.steps(sc, system, m.mnt, m)
+                finally:
+                    self.mounter.unmount(m)
             ok = True
         finally:
-            self.keep_log(sc, daemon_log, ok)
+            logs = [daemon_log]
+            if self.storages:
+                logs += sorted(self.storages.logs() - logs_before)
+            own = bench_trace.own_count(logs)
+            if own is not None and system == "unionmount":
+                self.result.own.setdefault(sc.key, {}).setdefault(system, []).append(own)
+            self.keep_logs(sc, logs, ok)
             shutil.rmtree(base, ignore_errors=True)
 
-    def steps(self, sc: Scenario, system: str, m: Mount) -> None:
-        if sc.setup:
-            sc.setup(m.mnt)
-        if not sc.mount_row:
-            drop_caches()
-        for step in sc.steps:
-            os.sync()
-            watchdog = threading.Timer(STEP_TIMEOUT, m.kill)
-            watchdog.start()
-            try:
-                t0 = time.perf_counter()
-                value = step.fn(m.mnt)
-                took = time.perf_counter() - t0
-            except Exception as e:
-                if m.killed:
-                    raise TimeoutError(f"{step.row}: over {STEP_TIMEOUT:.0f} s") from e
-                raise
-            finally:
-                watchdog.cancel()
-            if m.killed:  # the step got past the dead daemon's errors somehow
-                raise TimeoutError(f"{step.row}: over {STEP_TIMEOUT:.0f} s")
-            self.record(step.row, system, took, value)
-        rss = peak_rss_kib(m.pid)
+    def steps(self, sc: Scenario, system: str, where: Path, m: Mount | None) -> None:
+        with sc.around(where) if sc.around else contextlib.nullcontext():
+            if sc.setup:
+                sc.setup(where)
+            if sc.cold and not sc.mount_row:
+                drop_caches()
+            for step in sc.steps:
+                self.step(step, system, where, m)
+        rss = peak_rss_kib(m.pid if m else None)
         if rss is not None:
             old = self.result.rss.setdefault(sc.key, {}).get(system, 0)
             self.result.rss[sc.key][system] = max(old, rss)
 
-    def keep_log(self, sc: Scenario, daemon_log: Path, ok: bool) -> None:
-        """Keep unionmount's log next to the cache when the run failed or it shows a traceback."""
-        if not daemon_log.exists():
-            return
-        if ok and "Traceback" not in daemon_log.read_text(errors="replace"):
-            return
-        keep = self.run_dir.parent / f"unionmount-{sc.key}.log"
-        shutil.copy(daemon_log, keep)
-        log(f"  unionmount's log {'shows a traceback' if ok else 'of the failed run'}: {keep}")
+    def step(self, step: Step, system: str, where: Path, m: Mount | None) -> None:
+        os.sync()
+        tracer = self.tracer if system != "kernel" else None
+        offset = self.record.stat().st_size if self.record.exists() else 0
+        # A step on our mount that hangs: kill its daemon. Commands in a session (podman)
+        # have their own timeouts.
+        watchdog = threading.Timer(bench_core.STEP_TIMEOUT, m.kill) if m else None
+        if watchdog:
+            watchdog.start()
+        if tracer:
+            tracer.start()
+        try:
+            t0 = time.perf_counter()
+            value = step.fn(where)
+            took = time.perf_counter() - t0
+        except Exception as e:
+            if m and m.killed:
+                raise TimeoutError(f"{step.row}: over {bench_core.STEP_TIMEOUT:.0f} s") from e
+            raise
+        finally:
+            if watchdog:
+                watchdog.cancel()
+            per, lost = tracer.stop() if tracer else ({}, 0)
+        if m and m.killed:  # the step got past the dead daemon's errors somehow
+            raise TimeoutError(f"{step.row}: over {bench_core.STEP_TIMEOUT:.0f} s")
+        if tracer:
+            devs, _ = bench_trace.recorded_devs(self.record, offset)
+            if m and m.dev:
+                devs.add(m.dev)
+            counts: dict[str, int] = {}
+            for conn in {bench_trace.connection_of(d) for d in devs}:
+                for op, n in per.get(conn, {}).items():
+                    counts[op] = counts.get(op, 0) + n
+            self.result.counts.setdefault(step.row, {}).setdefault(system, []).append(counts)
+            lost_before = self.result.lost.setdefault(step.row, {}).get(system, 0)
+            self.result.lost[step.row][system] = max(lost_before, lost)
+        if isinstance(value, Figure):
+            self.result.units[step.row] = value.unit
+            self.record_sample(step.row, system, value.value, value.check)
+        else:
+            self.record_sample(step.row, system, took, value)
 
-    def record(self, row: str, system: str, seconds: float, value: object) -> None:
-        self.result.samples.setdefault(row, {}).setdefault(system, []).append(seconds)
-        self.result.checks.setdefault(row, {}).setdefault(system, repr(value))
+    def keep_logs(self, sc: Scenario, logs: list[Path], ok: bool) -> None:
+        """Keep unionmount's logs next to the cache when the run failed or one shows a
+        traceback."""
+        for i, path in enumerate(p for p in logs if p.exists()):
+            if ok and "Traceback" not in path.read_text(errors="replace"):
+                continue
+            keep = self.run_dir.parent / f"unionmount-{sc.key}{f'-{i}' if i else ''}.log"
+            shutil.copy(path, keep)
+            log(f"  unionmount's log {'shows a traceback' if ok else 'of the failed run'}: {keep}")
+
+    def record_sample(self, row: str, system: str, value: float, check: object) -> None:
+        self.result.samples.setdefault(row, {}).setdefault(system, []).append(value)
+        self.result.checks.setdefault(row, {}).setdefault(system, repr(check))
 
     def fail(self, sc: Scenario, system: str, err: BaseException) -> None:
-        msg = f"{type(err).__name__}: {err}".splitlines()[0][:200]
+        msg = f"{type(err).__name__}: {err}".splitlines()[0][:300]
         for row in sc.rows():
             self.result.errors.setdefault(row, {}).setdefault(system, msg)
 
 
-def fmt_time(s: float) -> str:
-    if s >= 10:
-        return f"{s:.1f} s"
-    if s >= 1:
-        return f"{s:.2f} s"
-    if s >= 1e-3:
-        return f"{s * 1e3:.3g} ms"
-    return f"{s * 1e6:.3g} us"
+def _version(argv: list[str], pattern: str) -> str:
+    try:
+        done = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=60,
+                              stdin=subprocess.DEVNULL)
+    except OSError:
+        return "?"
+    found = re.search(pattern, done.stdout + done.stderr)
+    return found.group(1) if found else "?"
 
 
-def medians(result: Result, row: str, systems: list[str]) -> dict[str, float | None]:
-    out: dict[str, float | None] = {}
-    for system in systems:
-        samples = result.samples.get(row, {}).get(system)
-        failed = system in result.errors.get(row, {})
-        out[system] = None if failed or not samples else statistics.median(samples)
-    return out
-
-
-def table(result: Result, rows: list[str], systems: list[str]) -> str:
-    width = max(len(r) for r in rows) + 2
-    lines = ["".join([f"{'workload':<{width}}"] + [f"{s:>24}" for s in systems])]
-    lines.append("-" * len(lines[0]))
-    for row in rows:
-        med = medians(result, row, systems)
-        ref = med.get("kernel")
-        cells = []
-        for system in systems:
-            value = med[system]
-            if value is None:
-                cells.append("fail" if system in result.errors.get(row, {}) else "-")
-            elif system == "kernel" or not ref:
-                cells.append(fmt_time(value))
-            else:
-                cells.append(f"{fmt_time(value)} (x{value / ref:.3g})")
-        lines.append(f"{row:<{width}}" + "".join(f"{c:>24}" for c in cells))
-    return "\n".join(lines)
-
-
-def rss_table(result: Result, systems: list[str]) -> str:
-    fuse = [s for s in systems if s != "kernel"]
-    if not fuse or not result.rss:
-        return ""
-    head = "daemon peak RSS (VmHWM)"
-    width = max(len(head), *(len(k) for k in result.rss)) + 2
-    lines = [f"{head:<{width}}" + "".join(f"{s:>18}" for s in fuse)]
-    lines.append("-" * len(lines[0]))
-    for key, per in result.rss.items():
-        cells = [f"{per[s] / 1024:.1f} MiB" if s in per else "-" for s in fuse]
-        lines.append(f"{key:<{width}}" + "".join(f"{c:>18}" for c in cells))
-    return "\n".join(lines)
-
-
-def mismatches(result: Result, rows: list[str]) -> Iterator[str]:
-    """Steps whose value (file count, bytes read, ...) differs from the kernel's."""
-    for row in rows:
-        per = result.checks.get(row, {})
-        ref = per.get("kernel")
-        for system, value in per.items():
-            if ref is not None and system != "kernel" and value != ref:
-                yield f"{row}: {system} gave {value}, the kernel {ref}"
-
-
-def host_info() -> dict[str, str]:
-    fo = subprocess.run(["fuse-overlayfs", "--version"], check=False, capture_output=True,
-                        text=True)
-    version = re.search(r"fuse-overlayfs: version (\S+)", fo.stdout + fo.stderr)
+def host_info(real: bool) -> dict[str, str]:
     params = Path("/sys/module/overlay/parameters")
     ovl = {k: (params / k).read_text().strip() for k in ("metacopy", "redirect_dir", "index")
            if (params / k).exists()}
-    return {
+    info = {
         "kernel": platform.release(),
         "cpus": str(os.cpu_count()),
-        "fuse-overlayfs": version.group(1) if version else "?",
+        "fuse-overlayfs": _version(["fuse-overlayfs", "--version"],
+                                   r"fuse-overlayfs: version (\S+)"),
         "overlay params": " ".join(f"{k}={v}" for k, v in ovl.items()),
         "python": platform.python_version(),
     }
+    if real:
+        info["podman"] = _version(["podman", "--version"], r"version (\S+)")
+        info["buildah"] = _version(["buildah", "--version"], r"version (\S+)")
+    return info
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -704,18 +513,42 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--only", action="append", default=[], metavar="PATTERN",
                     help="run the scenarios whose key or a row matches this regex "
                          "(repeatable; see --list)")
-    ap.add_argument("--small", action="store_true", help="a tiny stack: a smoke test in seconds")
+    kind = ap.add_mutually_exclusive_group()
+    kind.add_argument("--real", action="store_true",
+                      help="only the real workloads (Debian, apt-get, podman, fio, ...)")
+    kind.add_argument("--synthetic", action="store_true",
+                      help="only the synthetic workloads on the generated stacks")
+    ap.add_argument("--small", action="store_true",
+                    help="a tiny stack and tiny real workloads: a smoke test")
     ap.add_argument("--systems", default=",".join(SYSTEMS),
                     help=f"comma-separated subset of {','.join(SYSTEMS)}")
     ap.add_argument("--json", type=Path, metavar="FILE", help="also write the results here")
     ap.add_argument("--cache", type=Path, default=Path(
         os.environ.get("UNIONFS_BENCH_CACHE", REPO / ".bench-cache")),
-        help="where the layer stacks are kept (default REPO/.bench-cache)")
-    ap.add_argument("--unionmount", default=f"{shlex.quote(sys.executable)} -m unionfs",
-                    help="the command that mounts unionfs (default: this python -m unionfs)")
-    ap.add_argument("--timeout", type=float, default=STEP_TIMEOUT, metavar="SECONDS",
+        help="where the layer stacks and the run directory are kept "
+             "(default REPO/.bench-cache)")
+    ap.add_argument("--debian-cache", type=Path, default=Path(
+        os.environ.get("UNIONFS_BENCH_DEBIAN_CACHE", REPO / ".bench-cache" / "debian")),
+        help="where the Debian layers are kept: built from the network once "
+             "(default REPO/.bench-cache/debian, whatever --cache says)")
+    venv_unionmount = Path(sys.prefix) / "bin" / "unionmount"
+    default = (str(venv_unionmount) if venv_unionmount.exists()
+               else f"{shlex.quote(sys.executable)} -m unionfs")
+    ap.add_argument("--unionmount", default=default,
+                    help=f"the command that mounts unionfs (default: {default})")
+    ap.add_argument("--fio-seconds", type=float, metavar="S",
+                    help="how long fio writes (default 30; 3 with --small)")
+    ap.add_argument("--dbench-seconds", type=float, metavar="S",
+                    help="how long dbench runs (default 30; 3 with --small)")
+    ap.add_argument("--count-requests", action="store_true",
+                    help="also count the FUSE requests of each step, by type (kernel tracepoint "
+                         "fuse:fuse_request_send)")
+    ap.add_argument("--userns", action="store_true",
+                    help="run the synthetic workloads in a user namespace (unshare --user "
+                         "--map-root-user --mount); the kernel mounts with userxattr")
+    ap.add_argument("--timeout", type=float, default=bench_core.STEP_TIMEOUT, metavar="SECONDS",
                     help="a step running longer fails: its FUSE daemon is killed "
-                         f"(default {STEP_TIMEOUT:.0f})")
+                         f"(default {bench_core.STEP_TIMEOUT:.0f})")
     ap.add_argument("--list", action="store_true", help="list the scenarios and their rows")
     args = ap.parse_args(argv)
     systems = [s for s in args.systems.split(",") if s]
@@ -724,23 +557,55 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"--systems: unknown {', '.join(sorted(unknown)) or 'empty list'}")
     if args.repeat < 1:
         ap.error("--repeat must be at least 1")
+    if args.userns and args.real:
+        ap.error("--userns runs the synthetic workloads only")
+    if args.userns and args.count_requests:
+        ap.error("--count-requests needs tracefs, which a user namespace cannot mount")
     args.systems = systems
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    global STEP_TIMEOUT  # set once, before anything runs
-    args = parse_args(argv)
-    STEP_TIMEOUT = args.timeout
-    p = SMALL if args.small else FULL
-    cache = args.cache.resolve()
-    all_scenarios = scenarios(p, cache / p.key / "untar.tar")
+def choose(args: argparse.Namespace, all_scenarios: list[Scenario]) -> list[Scenario]:
     patterns = [re.compile(x, re.IGNORECASE) for x in args.only]
-    chosen = [sc for sc in all_scenarios if not patterns or any(
-        pat.search(sc.key) or any(pat.search(r) for r in sc.rows()) for pat in patterns)]
+    return [sc for sc in all_scenarios
+            if not (args.real and not sc.real) and not ((args.synthetic or args.userns)
+                                                        and sc.real)
+            and (not patterns or any(pat.search(sc.key) or any(pat.search(r) for r in sc.rows())
+                                     for pat in patterns))]
+
+
+def in_userns(argv: list[str] | None, p: Params, cache: Path) -> int:
+    """Run this bench again in a new user and mount namespace, root mapped to root."""
+    ensure_stacks(p, cache)  # the child could not set the stack's trusted.* xattrs
+    args = sys.argv[1:] if argv is None else argv
+    cmd = ["unshare", "--user", "--map-root-user", "--mount", "--propagation", "private", "--",
+           sys.executable, str(Path(__file__).resolve()), *args]
+    os.execvpe("unshare", cmd, dict(os.environ, **{USERNS_ENV: "1"}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    bench_core.STEP_TIMEOUT = args.timeout
+    p = SMALL if args.small else FULL
+    rp = bench_real.SMALL_REAL if args.small else bench_real.FULL_REAL
+    rp = dataclasses.replace(rp, fio_seconds=args.fio_seconds or rp.fio_seconds,
+                             dbench_seconds=args.dbench_seconds or rp.dbench_seconds)
+    cache, debian_cache = args.cache.resolve(), args.debian_cache.resolve()
+    userns = os.environ.get(USERNS_ENV) == "1"
+    run_dir = cache / f"run-{os.getpid()}"
+    # Short paths for what this run starts: podman's storages, unionmount's warm server.
+    short = Path("/tmp") / f"ub-{os.getpid()}"
+    debian = bench_real.Debian(debian_cache)
+    storages = bench_podman.Storages(
+        run_dir, short, shlex.split(args.unionmount),
+        lambda: debian.image_tar or Path("/nonexistent"),
+        run_dir / "fuse-mounts.rec" if args.count_requests else None)
+    all_scenarios = (scenarios(p, cache / p.key / "untar.tar")
+                     + bench_real.scenarios(rp, debian) + bench_podman.scenarios(rp, storages))
+    chosen = choose(args, all_scenarios)
     if args.list:
         for sc in all_scenarios:
-            print(f"{sc.key}: " + "; ".join(sc.rows()))
+            print(f"{sc.key} [{'real' if sc.real else 'synthetic'}]: " + "; ".join(sc.rows()))
         return 0
     if not chosen:
         print(f"bench: no scenario matches {args.only}", file=sys.stderr)
@@ -748,20 +613,49 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench: must run as root (mount, drop_caches)", file=sys.stderr)
         return 2
+    if args.userns and not userns:
+        return in_userns(argv, p, cache)
 
     started = time.perf_counter()
-    root, build_seconds = ensure_stacks(p, cache)
-    host = host_info()
-    log("host: " + ", ".join(f"{k} {v}" for k, v in host.items()))
-    run_dir = cache / f"run-{os.getpid()}"
+    load_start = loadavg()
+    real = any(sc.real for sc in chosen)
+    stacks: dict[str, Stack] = {}
+    root, build_seconds = (None, None)
+    if any(not sc.real for sc in chosen):
+        root, build_seconds = ensure_stacks(p, cache)
+        stacks.update(stacks_of(root, p))
+    debian_seconds = None
+    if real:
+        try:
+            debian_seconds = debian.prepare(image=any(sc.session for sc in chosen))
+        except debian_base.BuildError as e:
+            print(f"bench: the real workloads need the Debian layers, which could not be "
+                  f"built (--synthetic runs without them):\n{e}", file=sys.stderr)
+            return 1
+        stacks.update(debian.stacks())
+    host = host_info(real)
+    log("host: " + ", ".join(f"{k} {v}" for k, v in host.items()) + f"; load {load_start}")
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir()
-    mounter = Mounter(shlex.split(args.unionmount))
-    runner = Runner(stacks_of(root, p), run_dir, mounter)
+    if short.exists() and not bench_podman.mounts_under(short):
+        shutil.rmtree(short)  # an earlier bench's, whose pid this one has
+    short.mkdir(mode=0o700)
+    # unionmount's warm server for this run only (its socket in `short`), ended at the end;
+    # not the one at /run/unionfs that other users' mounts share.
+    os.environ.setdefault("UNIONFS_ZYGOTE_DIR", str(short / "zygote"))
+    mounter = Mounter(shlex.split(args.unionmount), userns=userns)
 
     def on_term(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
+    try:
+        tracer = bench_trace.RequestTracer(run_dir) if args.count_requests else None
+    except bench_core.MountError as e:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        short.rmdir()
+        print(f"bench: {e}", file=sys.stderr)
+        return 1
+    runner = Runner(stacks, run_dir, mounter, tracer, storages)
     signal.signal(signal.SIGTERM, on_term)
     interrupted = False
     try:
@@ -780,7 +674,9 @@ def main(argv: list[str] | None = None) -> int:
                         log(f"[{sc.key} {rep + 1}/{args.repeat}] {system}: FAILED: {e}")
                         continue
                     figures = ", ".join(
-                        fmt_time(runner.result.samples[r][system][-1]) for r in sc.rows())
+                        bench_report.fmt_value(runner.result.samples[r][system][-1],
+                                               runner.result.units.get(r, "s"))
+                        for r in sc.rows())
                     log(f"[{sc.key} {rep + 1}/{args.repeat}] {system}: {figures} "
                         f"({time.perf_counter() - t0:.1f} s)")
     except KeyboardInterrupt:
@@ -788,58 +684,55 @@ def main(argv: list[str] | None = None) -> int:
         log("interrupted: unmounting and printing what was measured")
     finally:
         mounter.close()
+        storages.close()
+        if tracer:
+            tracer.close()
+        bench_core.end_processes_naming(short)
+        left = bench_podman.mounts_under(short)
+        if left:
+            log(f"still mounted, so {short} stays: {left}")
+        else:
+            shutil.rmtree(short, ignore_errors=True)
         shutil.rmtree(run_dir, ignore_errors=True)
 
     rows = [r for sc in chosen for r in sc.rows()]
     total = time.perf_counter() - started
-    print(f"\nunionfs benchmark: {p.name} stack, median of {args.repeat}, "
-          f"ratio to kernel overlayfs in parentheses")
-    print("host: " + ", ".join(f"{k} {v}" for k, v in host.items()) + "\n")
-    print(table(runner.result, rows, args.systems))
-    rss = rss_table(runner.result, args.systems)
+    load_end = loadavg()
+    what = " and ".join(w for w, on in ((f"{p.name} stack", any(not sc.real for sc in chosen)),
+                                        (f"{rp.name} real workloads", real)) if on)
+    print(f"\nunionfs benchmark: {what}, median of {args.repeat}, ratio to kernel overlayfs "
+          "in parentheses (above 1: slower; for MiB/s and MB/s, the kernel's over this one)")
+    if userns:
+        print("in a user namespace (unshare --user --map-root-user --mount); kernel overlayfs "
+              "with -o userxattr")
+    print("host: " + ", ".join(f"{k} {v}" for k, v in host.items()))
+    print(f"load average (1, 5, 15 min): {load_start} at the start, {load_end} at the end\n")
+    print(bench_report.table(runner.result, rows, args.systems))
+    rss = bench_report.rss_table(runner.result, args.systems)
     if rss:
         print("\n" + rss)
+    if args.count_requests:
+        counted = bench_trace.counts_table(rows, args.systems, runner.result.counts,
+                                           runner.result.lost, runner.result.own)
+        print("\n" + (counted or "FUSE requests: nothing counted"))
     errors = dict.fromkeys(
         f"{s}: {e}" for row in rows for s, e in runner.result.errors.get(row, {}).items())
     if errors:
         print("\nfailures:\n  " + "\n  ".join(errors))
-    diffs = list(mismatches(runner.result, rows))
+    diffs = list(bench_report.mismatches(runner.result, rows))
     if diffs:
         print("\nresults that differ from the kernel's:\n  " + "\n  ".join(diffs))
-    print(f"\ntotal {total:.0f} s" + (f" (stack built in {build_seconds:.0f} s)"
-                                       if build_seconds is not None else ""))
+    built = [f"{what} in {s:.0f} s" for what, s in (("stack built", build_seconds),
+                                                           ("Debian layers ready", debian_seconds))
+             if s is not None and s >= 1]
+    print(f"\ntotal {total:.0f} s" + (f" ({', '.join(built)})" if built else ""))
     if args.json:
-        write_json(args, p, host, runner.result, rows, total, build_seconds)
+        meta = {"params": dataclasses.asdict(p), "real_params": dataclasses.asdict(rp),
+                "repeat": args.repeat, "userns": userns, "host": host,
+                "loadavg": {"start": load_start, "end": load_end}, "total_seconds": total,
+                "build_seconds": build_seconds, "debian_seconds": debian_seconds}
+        bench_report.write_json(args.json, meta, runner.result, rows, args.systems)
     return 130 if interrupted else 0
-
-
-def write_json(args: argparse.Namespace, p: Params, host: dict[str, str], result: Result,
-               rows: list[str], total: float, build_seconds: float | None) -> None:
-    out = {
-        "params": dataclasses.asdict(p),
-        "repeat": args.repeat,
-        "systems": args.systems,
-        "host": host,
-        "rows": [
-            {
-                "row": row,
-                "results": {
-                    s: {
-                        "samples": result.samples.get(row, {}).get(s, []),
-                        "median": medians(result, row, args.systems)[s],
-                        "error": result.errors.get(row, {}).get(s),
-                        "value": result.checks.get(row, {}).get(s),
-                    }
-                    for s in args.systems
-                },
-            }
-            for row in rows
-        ],
-        "peak_rss_kib": result.rss,
-        "total_seconds": total,
-        "build_seconds": build_seconds,
-    }
-    args.json.write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ import pyfuse3
 import pytest
 from mounts import UNIONMOUNT, File, build, mount_unionfs
 
-from unionfs import mount as mount_module
 from unionfs import core
+from unionfs import mount as mount_module
 from unionfs.layers import open_stack
 from unionfs.ops import UnionOperations
 
