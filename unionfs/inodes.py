@@ -15,11 +15,9 @@ import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 from unionfs.layers import DataRef, Layer, ListedEntry
 
-T = TypeVar("T")
 ROOT_INODE = 1
 _NO_CHILDREN: dict[bytes, Node] = {}
 #: A layer entry's identity, (st_dev, st_ino), as one int (a tuple of two ints costs
@@ -55,15 +53,15 @@ class Node:
     """
 
     __slots__ = (
+        "_keys",
+        "_links",
         "children",
         "data",
         "dir_layers",
         "handles",
         "inode",
-        "keys",
         "kind",
         "layer",
-        "links",
         "listing",
         "lookups",
         "name",
@@ -86,16 +84,44 @@ class Node:
         #: Directories only; the others share one empty dict that nothing adds to
         #: (`InodeTable.link` takes directories as parents).
         self.children: dict[bytes, Node] = {} if kind == stat.S_IFDIR else _NO_CHILDREN
-        # Tuples, not sets or lists: nearly every node has one of each, and a walk of a
-        # large tree keeps a node per entry (an empty set costs 216 bytes).
-        self.links: tuple[tuple[Node, bytes], ...] = ()
-        self.keys: tuple[Key, ...] = ()
+        # Stored flat, as nearly every node has one of each and a walk of a large tree
+        # keeps a node per entry: links as (parent, name, parent, name, ...), one key as
+        # the int itself (a tuple of pairs costs 104 bytes a node, a 1-tuple 48).
+        self._links: tuple[Node | bytes, ...] = ()
+        self._keys: Key | tuple[Key, ...] = ()
         self.listing: dict[bytes, ListedEntry] | None = None
         #: For a metadata-only file (a metacopy mark, in the upper or a lower layer):
         #: where its data is, in a layer below its entry.
         self.data: DataRef | None = None
         #: Its open files (an unlinked file's attributes come from one of them).
         self.handles: list[FileHandle] | None = None
+
+    @property
+    def links(self) -> tuple[tuple[Node, bytes], ...]:
+        """Every (parent, name) under which the kernel knows this node."""
+        flat = self._links
+        return tuple(zip(flat[::2], flat[1::2], strict=True))  # type: ignore[arg-type]
+
+    @links.setter
+    def links(self, pairs: tuple[tuple[Node, bytes], ...]) -> None:
+        self._links = tuple(item for pair in pairs for item in pair)
+
+    def has_link(self, parent: Node, name: bytes) -> bool:
+        flat = self._links
+        return any(flat[i] is parent and flat[i + 1] == name for i in range(0, len(flat), 2))
+
+    @property
+    def keys(self) -> tuple[Key, ...]:
+        """The layer entries this node is (its origin, then its copies)."""
+        keys = self._keys
+        return (keys,) if isinstance(keys, int) else keys
+
+    def add_key(self, key: Key) -> None:
+        keys = self._keys
+        if keys == ():
+            self._keys = key
+        elif key not in self.keys:
+            self._keys = (*self.keys, key)
 
     def changed(self) -> None:
         """Its attributes (or those of its entry) changed."""
@@ -155,8 +181,7 @@ class InodeTable:
         self.add_key(node, key)
 
     def add_key(self, node: Node, key: Key) -> None:
-        if key not in node.keys:
-            node.keys = (*node.keys, key)
+        node.add_key(key)
         self._by_key[key] = node
 
     def remember_copy(self, node: Node, key: Key) -> None:
@@ -169,15 +194,15 @@ class InodeTable:
         assert parent.is_dir, parent
         old = parent.children.get(name)
         if old is not None and old is not node:
-            old.links = _without(old.links, (parent, name))
+            _drop_link(old, parent, name)
         parent.children[name] = node
-        if (parent, name) not in node.links:
-            node.links = (*node.links, (parent, name))
+        if not node.has_link(parent, name):
+            node._links = (*node._links, parent, name)
 
     def unlink(self, parent: Node, name: bytes) -> Node | None:
         node = parent.children.pop(name, None)
         if node is not None:
-            node.links = _without(node.links, (parent, name))
+            _drop_link(node, parent, name)
         return node
 
     def remember(self, node: Node) -> None:
@@ -199,12 +224,12 @@ class InodeTable:
         for parent, name in node.links:
             if parent.children.get(name) is node:
                 del parent.children[name]
-        node.links = ()
+        node._links = ()
         return node
 
 
-def _without(items: tuple[T, ...], item: T) -> tuple[T, ...]:
-    return tuple(other for other in items if other != item)
+def _drop_link(node: Node, parent: Node, name: bytes) -> None:
+    node.links = tuple(pair for pair in node.links if pair[0] is not parent or pair[1] != name)
 
 
 class FileHandle:
