@@ -212,7 +212,7 @@ def serve(config: MountConfig, ready: Callable[[str | None], None]) -> int:
         pyfuse3.close(unmount=True)
         ready(f"cannot mount {config.mountpoint}: {exc}")
         return 1
-    log.info("mounted %s (started by %s)", config.mountpoint,
+    log.info("mounted %s (pid %d, started by %s)", config.mountpoint, os.getpid(),
              os.environ.get("UNIONFS_STARTED_BY", "unionmount itself"))
     terminated = False
 

@@ -51,7 +51,10 @@ def serve(path: str) -> int:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return 0  # another server is already here
-    from unionfs import cli, images, mount, oci  # noqa: F401 - what this server is for
+    # What every mount needs, and no more: each daemon forked from here starts with what
+    # the server holds (the image modules would load OpenSSL's libcrypto, 5 MiB resident in
+    # every daemon; a mount by image reference imports them in its own handler).
+    from unionfs import cli, mount  # noqa: F401 - what this server is for
 
     loaded = _code_stamp()
     idle = float(os.environ.get("UNIONFS_ZYGOTE_IDLE", "900"))
