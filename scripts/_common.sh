@@ -13,10 +13,11 @@ export REPO VENV
 # with its package, in scripts/programs.txt; tests/test_programs.py checks that these lists
 # install every one of those packages that is not Essential.
 #
-# All scripts: what building pyfuse3 from its sdist and mounting with it need on a bare
-# Debian, mount(8) and umount(8), and what ensure_deps runs (apt-get, modprobe).
+# All scripts: what building pyfuse3 from its sdist (with our patches: patch) and mounting
+# with it need on a bare Debian, mount(8) and umount(8), and what ensure_deps runs (apt-get,
+# modprobe).
 BASE_APT_PKGS=(fuse3 libfuse3-dev pkg-config python3 python3-venv python3-dev gcc libc6-dev
-    mount apt kmod)
+    patch mount apt kmod)
 # scripts/test: the reference systems the tests compare against, the tools they drive,
 # bad-input filesystems, and podman, runc, buildah, busybox-static, debootstrap, skopeo and
 # docker-registry (a registry the image tests start on 127.0.0.1) for tests/integration.
@@ -84,13 +85,98 @@ _pick_python() {
     return 1
 }
 
+# pyfuse3 has no wheels: it is built from its sdist, with the patches in
+# scripts/pyfuse3-patches/ applied in order (README, "pyfuse3 patches"), or without them when
+# UNIONFS_STOCK_PYFUSE3=1. The sdist is downloaded once into $UNIONFS_CACHE and must match
+# PYFUSE3_SHA256; the sdist's build requirements (pip fetches them into its isolated build
+# environment) are pinned by PYFUSE3_BUILD_PINS. Each build is kept in the cache as a wheel,
+# so a new venv, or switching between the stock and the patched build, compiles nothing.
+PYFUSE3_VERSION=3.5.0
+PYFUSE3_SHA256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
+PYFUSE3_BUILD_PINS=(Cython==3.2.4 setuptools==84.2.1 setuptools_scm==10.3.4)
+PYFUSE3_PATCHES=$REPO/scripts/pyfuse3-patches
+UNIONFS_CACHE=${UNIONFS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/unionfs}
+
+# The pyfuse3 version to install: PYFUSE3_VERSION, with a local label naming the patch set
+# and the build pins (3.5.0+unionfs.0123456789ab) unless UNIONFS_STOCK_PYFUSE3=1.
+_pyfuse3_want() {
+    if [[ ${UNIONFS_STOCK_PYFUSE3:-} == 1 ]]; then
+        echo "$PYFUSE3_VERSION"
+        return 0
+    fi
+    local id
+    id=$({ cat "$PYFUSE3_PATCHES"/*.patch; printf '%s\n' "${PYFUSE3_BUILD_PINS[@]}"; } \
+        | sha256sum | cut -c1-12)
+    echo "$PYFUSE3_VERSION+unionfs.$id"
+}
+
+# _ensure_pyfuse3: the wanted pyfuse3 build in $VENV, from the cache's wheel or built now.
+_ensure_pyfuse3() {
+    local want have wheels
+    want=$(_pyfuse3_want)
+    have=$("$VENV/bin/python" -c \
+        'import importlib.metadata as m; print(m.version("pyfuse3"))' 2>/dev/null) || have=""
+    [[ $have == "$want" ]] && return 0
+    wheels=$UNIONFS_CACHE/wheels/$want
+    if ! _pip_pyfuse3_wheel "$want" "$wheels" 2>/dev/null; then
+        _build_pyfuse3 "$want" "$wheels" || return 1
+        _pip_pyfuse3_wheel "$want" "$wheels" || return 1
+    fi
+}
+
+_pip_pyfuse3_wheel() {
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps \
+        --force-reinstall --no-index --find-links "$2" "pyfuse3==$1" </dev/null
+}
+
+# _build_pyfuse3 VERSION WHEEL_DIR: the verified sdist, patched unless VERSION is the stock
+# one, built into a wheel in WHEEL_DIR (about a minute: Cython and gcc).
+_build_pyfuse3() {
+    local want=$1 wheels=$2 sdist=$UNIONFS_CACHE/pyfuse3-$PYFUSE3_VERSION.tar.gz tmp src patch
+    mkdir -p "$UNIONFS_CACHE"
+    if ! sha256sum -c --status <<<"$PYFUSE3_SHA256  $sdist" 2>/dev/null; then
+        note "downloading the pyfuse3 $PYFUSE3_VERSION sdist into $UNIONFS_CACHE"
+        rm -f "$sdist"
+        "$VENV/bin/python" -m pip download -q --disable-pip-version-check --no-deps \
+            --no-binary :all: "pyfuse3==$PYFUSE3_VERSION" -d "$UNIONFS_CACHE" </dev/null \
+            || return 1
+        if ! sha256sum -c --status <<<"$PYFUSE3_SHA256  $sdist"; then
+            note "$sdist: not the sha256 pinned in scripts/_common.sh; removed"
+            rm -f "$sdist"
+            return 1
+        fi
+    fi
+    tmp=$(mktemp -d)
+    tar -xzf "$sdist" -C "$tmp"
+    src=$tmp/pyfuse3-$PYFUSE3_VERSION
+    if [[ $want != "$PYFUSE3_VERSION" ]]; then
+        for patch in "$PYFUSE3_PATCHES"/*.patch; do
+            if ! patch -p1 -s -N -d "$src" <"$patch"; then
+                note "$patch does not apply to pyfuse3 $PYFUSE3_VERSION"
+                rm -rf "$tmp"
+                return 1
+            fi
+        done
+    fi
+    printf '%s\n' "${PYFUSE3_BUILD_PINS[@]}" >"$tmp/build-pins.txt"
+    note "building pyfuse3 $want (about a minute)"
+    if ! SETUPTOOLS_SCM_PRETEND_VERSION_FOR_PYFUSE3=$want PIP_CONSTRAINT=$tmp/build-pins.txt \
+        "$VENV/bin/python" -m pip wheel -q --disable-pip-version-check --no-deps \
+        -w "$wheels" "$src" </dev/null; then
+        rm -rf "$tmp"
+        return 1
+    fi
+    rm -rf "$tmp"
+}
+
 # ensure_venv [EXTRAS]: REPO/.venv with the package installed editable (pip install -e REPO[EXTRAS]).
-# Reinstalls when pyproject.toml changed since the last install, when the venv imports the
-# package from somewhere else, or when a module of the extras is missing.
+# Reinstalls when pyproject.toml or the pyfuse3 build (its patches, UNIONFS_STOCK_PYFUSE3)
+# changed since the last install, when the venv imports the package from somewhere else, or
+# when a module of the extras is missing.
 ensure_venv() {
     local extras=${1:-} spec=$REPO stamp_file=$VENV/.unionfs-installed hash probe want
     [[ -n $extras ]] && spec="${REPO}[$extras]"
-    hash=$(sha256sum "$REPO/pyproject.toml" | cut -c1-16)
+    hash=$({ cat "$REPO/pyproject.toml"; _pyfuse3_want; } | sha256sum | cut -c1-16)
     want="^$hash ${extras:-.*}\$"  # any install of this pyproject has the base dependencies
     probe=$(_venv_probe "$extras")
     if [[ -x $VENV/bin/python ]] && grep -q "$want" "$stamp_file" 2>/dev/null \
@@ -103,6 +189,7 @@ ensure_venv() {
         note "creating $VENV with $py"
         "$py" -m venv --clear "$VENV"
     fi
+    _ensure_pyfuse3 || { note "could not install pyfuse3 $(_pyfuse3_want)"; return 1; }
     note "installing $spec into $VENV"
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$spec" </dev/null
     _venv_ok "$probe" || { note "the venv still lacks one of: $probe"; return 1; }
@@ -115,13 +202,16 @@ _venv_ok() {
     for exe in $exes; do
         [[ -x $VENV/bin/$exe ]] || return 1
     done
-    # The package must come from this checkout, not from another clone's editable install.
+    # The package must come from this checkout, not from another clone's editable install,
+    # and pyfuse3 must be the wanted build (_pyfuse3_want).
     # shellcheck disable=SC2086  # one argument per module name
-    "$VENV/bin/python" - "$REPO" $mods <<'EOF' 2>/dev/null
-import importlib, os, sys
+    PYFUSE3_WANT=$(_pyfuse3_want) "$VENV/bin/python" - "$REPO" $mods <<'EOF' 2>/dev/null
+import importlib, importlib.metadata, os, sys
 repo, mods = sys.argv[1], sys.argv[2:]
 for m in mods:
     importlib.import_module(m)
+if importlib.metadata.version("pyfuse3") != os.environ["PYFUSE3_WANT"]:
+    sys.exit(1)
 import unionfs
 sys.exit(not os.path.realpath(unionfs.__file__).startswith(os.path.realpath(repo) + os.sep))
 EOF
