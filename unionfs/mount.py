@@ -21,7 +21,7 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
-from unionfs import copyup, core, sysc, whiteout
+from unionfs import copyup, core, fusecaps, sysc, whiteout
 from unionfs import ops as ops_module
 from unionfs.config import ConfigError, MountConfig, check_private
 from unionfs.layers import open_stack
@@ -214,6 +214,7 @@ def serve(config: MountConfig, ready: Callable[[str | None], None]) -> int:
         return 1
     log.info("mounted %s (pid %d, started by %s)", config.mountpoint, os.getpid(),
              os.environ.get("UNIONFS_STARTED_BY", "unionmount itself"))
+    log.info("%s", fusecaps.describe())
     terminated = False
 
     async def run() -> None:
