@@ -21,6 +21,7 @@ import pytest
 from mounts import DIR, WHITEOUT, File, Symlink
 from unit.stacks import METACOPY_XATTR, Stacks, has_xattr, is_char00, is_opaque
 
+from unionfs import fusecaps
 from unionfs import ops as ops_module
 from unionfs.idmap import IdMap, IdRange
 from unionfs.ops import UnionOperations
@@ -85,6 +86,18 @@ async def _errno(coro: object) -> int:
     with pytest.raises(pyfuse3.FUSEError) as raised:
         await coro  # type: ignore[misc]
     return raised.value.errno
+
+
+async def _opendir(ops: UnionOperations, inode: int) -> int:
+    """opendir's handle: a bare one, or the FileInfo's where pyfuse3 can return one (asking
+    the kernel to cache the listing, fusecaps)."""
+    reply = await ops.opendir(inode, CTX)
+    if fusecaps.CAPS.opendir_file_info:
+        assert isinstance(reply, pyfuse3.FileInfo)
+        assert reply.cache_readdir and reply.keep_cache
+        return reply.fh
+    assert isinstance(reply, int)
+    return reply
 
 
 async def _ino(ops: UnionOperations, path: str, parent: int = ROOT) -> int:
@@ -335,7 +348,7 @@ async def test_opendir_and_readdir(make: Ops, monkeypatch: pytest.MonkeyPatch) -
     d = await _ino(ops, "d")
     replies = Replies()
     monkeypatch.setattr(pyfuse3, "readdir_reply", replies)
-    fh = await ops.opendir(d, CTX)
+    fh = await _opendir(ops, d)
     await ops.readdir(fh, 0, pyfuse3.ReaddirToken())
     names = [name for name, _, _ in replies.entries]
     assert names[:2] == [b".", b".."] and sorted(names[2:]) == [b"a", b"c", b"s"]
@@ -353,7 +366,7 @@ async def test_readdir_stops_when_the_buffer_is_full(make: Ops,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     ops = make({"d/a": "x", "d/b": "x", "d/c": "x"})
     d = await _ino(ops, "d")
-    fh = await ops.opendir(d, CTX)
+    fh = await _opendir(ops, d)
     replies = Replies(room=3)
     monkeypatch.setattr(pyfuse3, "readdir_reply", replies)
     await ops.readdir(fh, 0, pyfuse3.ReaddirToken())
@@ -377,17 +390,22 @@ async def test_readdir_with_the_real_reply_function(make: Ops) -> None:
     first entry, and nothing is remembered."""
     ops = make({"d/a": "x"})
     d = await _ino(ops, "d")
-    fh = await ops.opendir(d, CTX)
+    fh = await _opendir(ops, d)
     await ops.readdir(fh, 0, pyfuse3.ReaddirToken())
     assert ops.view.table[d].children == {}
     await ops.releasedir(fh)
 
 
-async def test_releasedir_drops_the_listing_when_the_last_handle_goes(make: Ops) -> None:
+async def test_releasedir_drops_the_listing_when_the_last_handle_goes(
+        make: Ops, monkeypatch: pytest.MonkeyPatch) -> None:
     ops = make({"d/a": "x"})
     d = await _ino(ops, "d")
     node = ops.view.table[d]
-    one, two = await ops.opendir(d, CTX), await ops.opendir(d, CTX)
+    one, two = await _opendir(ops, d), await _opendir(ops, d)
+    assert node.listing is None  # the first readdir lists it, not opendir
+    monkeypatch.setattr(pyfuse3, "readdir_reply", Replies())
+    for fh in (one, two):
+        await ops.readdir(fh, 0, pyfuse3.ReaddirToken())
     assert node.listing is not None
     await ops.releasedir(one)
     assert node.listing is not None
@@ -400,7 +418,7 @@ async def test_statfs_and_fsyncdir(make: Ops, stacks: Stacks) -> None:
     data = await ops.statfs(CTX)
     assert data.f_namemax == os.statvfs(stacks.upper).f_namemax
     assert data.f_bsize == os.statvfs(stacks.upper).f_bsize
-    assert await ops.fsyncdir(await ops.opendir(ROOT, CTX), True) is None
+    assert await ops.fsyncdir(await _opendir(ops, ROOT), True) is None
 
 
 # --------------------------------------------------------------------------- xattrs

@@ -14,7 +14,7 @@ import enum
 import os
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from unionfs.layers import DataRef, Layer, ListedEntry
 
@@ -263,7 +263,8 @@ class FileHandle:
 @dataclass
 class DirHandle:
     node: Node
-    entries: list[ListedEntry] = field(default_factory=list)
+    #: The snapshot the offsets index; None until the first readdir takes it.
+    entries: list[ListedEntry] | None = None
 
 
 class HandleTable:

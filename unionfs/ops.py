@@ -25,10 +25,12 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
+from unionfs import fusecaps
 from unionfs.changes import Caller, SetAttrs
 from unionfs.core import Core
 from unionfs.idmap import ACL_XATTRS, IDENTITY, IdMap, translate_acl
 from unionfs.inodes import DirHandle, FileHandle, HandleTable, Node
+from unionfs.layers import ListedEntry
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +128,10 @@ def _show(value: object) -> str:
     if isinstance(value, list) and len(value) > 8:
         return f"<{len(value)} items>"
     return repr(value)
+
+
+def _entry_name(entry: ListedEntry) -> bytes:
+    return entry.name
 
 
 class UnionOperations(pyfuse3.Operations):
@@ -363,19 +369,31 @@ class UnionOperations(pyfuse3.Operations):
 
     # ------------------------------------------------------------ directories
 
+    def _snapshot(self, node: Node) -> list[ListedEntry]:
+        """The entries of directory *node*, by name. The kernel's readdir cache (pyfuse3
+        patch 0001) may be filled by two opens, the part past where one stopped reading
+        appended from the other's reads: both must list the same names in the same order,
+        though a copy-up between them moved entries to the upper layer (which a fresh
+        `merged_listing` lists first) without a change the kernel sees."""
+        return sorted(self.view.listing(node).values(), key=_entry_name)
+
     @boundary
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+    async def opendir(  # type: ignore[override, unused-ignore]  # stock: returns an int
+            self, inode: int, ctx: pyfuse3.RequestContext) -> int | pyfuse3.FileInfo:
         node = self._node(inode)
-        return self.handles.add_dir(DirHandle(node, list(self.view.listing(node).values())))
+        # No snapshot yet: the first readdir takes it (at offset 0, or after a seek), and
+        # with the kernel's readdir cache most opens never read.
+        fh = self.handles.add_dir(DirHandle(node))
+        return fusecaps.opendir_reply(fh)
 
     @boundary
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         handle = self.handles.dirs[fh]
         node = handle.node
-        if start_id == 0:
-            # Offsets index a snapshot taken at opendir or at a rewind, so they stay
+        if start_id == 0 or handle.entries is None:
+            # Offsets index a snapshot taken at the first read or a rewind, so they stay
             # valid while entries come and go (telldir/seekdir).
-            handle.entries = list(self.view.listing(node).values())
+            handle.entries = self._snapshot(node)
         position = start_id
         while position < 2:
             dot = node if position == 0 else (node.parent or node)

@@ -281,7 +281,8 @@ def test_handle_numbers_are_never_reused(tmp_path: Path) -> None:
     d = Node(6, None, b"d", LOWER, stat.S_IFDIR)
     first = handles.add_file(FileHandle(node, _open(tmp_path, "a", b""), LOWER))
     second = handles.add_dir(DirHandle(d))
-    assert handles.dirs[second].entries == [] and handles.dirs[second].node is d
+    # no snapshot until the first readdir
+    assert handles.dirs[second].entries is None and handles.dirs[second].node is d
     handles.files.pop(first).close()
     handles.dirs.pop(second)
     third = handles.add_file(FileHandle(node, _open(tmp_path, "b", b""), LOWER))
