@@ -33,6 +33,8 @@ class Caller:
 
     uid: int
     gid: int
+    #: The caller's umask, for create, mkdir and mknod (RequestContext.umask).
+    umask: int = 0
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,17 @@ class Changes:
             await self.copier.copy_up(parent)
             if view.lookup(parent, name) is not None:  # created while we copied up
                 raise error(errno.EEXIST, name)
+
+    def _perm(self, parent: Node, mode: int, caller: Caller) -> int:
+        """The permission bits of a new entry in *parent*: *mode*'s, less the caller's umask
+        unless the upper parent has a default ACL (POSIX; the upper's filesystem then derives
+        the mode from the ACL, as under kernel overlayfs). With FUSE_DONT_MASK the kernel
+        leaves the umask to us; without it the mode is already masked, and masking again
+        changes nothing."""
+        perm = stat.S_IMODE(mode)
+        if not caller.umask or _has_default_acl(self.view.upper_fd(parent)):
+            return perm
+        return perm & ~caller.umask
 
     def _owner(self, parent: Node, caller: Caller) -> tuple[int, int, bool]:
         pst = os.fstat(self.view.upper_fd(parent))
@@ -132,7 +145,7 @@ class Changes:
         await self._prepare_create(parent, name)
         uid, gid, _ = self._owner(parent, caller)
         access = self._access(flags)
-        perm = stat.S_IMODE(mode)  # the kernel applied the umask
+        perm = self._perm(parent, mode, caller)
         opened: list[int] = []
 
         def build(dir_fd: int, entry: bytes) -> None:
@@ -140,8 +153,8 @@ class Changes:
                          dir_fd=dir_fd)
             opened.append(fd)
             os.fchown(fd, uid, gid)
-            if perm & _SETID:
-                os.fchmod(fd, perm)  # chown cleared them
+            if perm & _SETID:  # chown cleared them; the rest may come from a default ACL
+                os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) | perm & _SETID)
 
         try:
             self._place(parent, name, build, is_dir=False)
@@ -154,16 +167,16 @@ class Changes:
     async def mkdir(self, parent: Node, name: bytes, mode: int, caller: Caller) -> Node:
         await self._prepare_create(parent, name)
         uid, gid, setgid = self._owner(parent, caller)
-        perm = stat.S_IMODE(mode)  # the kernel applied the umask
+        perm = self._perm(parent, mode, caller)
 
         def build(dir_fd: int, entry: bytes) -> None:
             # Created with its mode (a default ACL of the parent needs it to compute the
             # new ACL), then given its owner; chown clears no bit of a directory.
             os.mkdir(entry, perm, dir_fd=dir_fd)
             os.chown(entry, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
-            if setgid or stat.S_IMODE(os.stat(entry, dir_fd=dir_fd).st_mode) != perm:
-                os.chmod(entry, perm | (stat.S_ISGID if setgid else 0), dir_fd=dir_fd,
-                         follow_symlinks=False)
+            made = stat.S_IMODE(os.stat(entry, dir_fd=dir_fd).st_mode)  # a default ACL's part
+            if setgid and not made & stat.S_ISGID:
+                os.chmod(entry, made | stat.S_ISGID, dir_fd=dir_fd, follow_symlinks=False)
 
         self._place(parent, name, build, is_dir=True)
         return self._new_node(parent, name, is_dir=True)
@@ -174,13 +187,14 @@ class Changes:
             raise error(errno.EPERM, name)  # it would delete, not create
         await self._prepare_create(parent, name)
         uid, gid, _ = self._owner(parent, caller)
-        perm = stat.S_IMODE(mode)  # the kernel applied the umask
+        perm = self._perm(parent, mode, caller)
 
         def build(dir_fd: int, entry: bytes) -> None:
             os.mknod(entry, stat.S_IFMT(mode) | perm, rdev, dir_fd=dir_fd)
             os.chown(entry, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
-            if perm & _SETID:
-                os.chmod(entry, perm, dir_fd=dir_fd, follow_symlinks=False)  # chown cleared
+            if perm & _SETID:  # chown cleared them; the rest may come from a default ACL
+                made = stat.S_IMODE(os.stat(entry, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+                os.chmod(entry, made | perm & _SETID, dir_fd=dir_fd, follow_symlinks=False)
 
         self._place(parent, name, build, is_dir=False)
         return self._new_node(parent, name)

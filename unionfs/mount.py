@@ -189,8 +189,9 @@ def _set_mount_attrs(config: MountConfig) -> None:
 def serve(config: MountConfig, ready: Callable[[str | None], None]) -> int:
     """Mount and serve until unmounted. *ready(None)* is called once the mount is live,
     *ready(message)* on failure. Returns the exit code."""
-    # The kernel applies the caller's umask to the modes it sends; what the server makes
-    # for itself passes explicit, private modes.
+    # The caller's umask is applied by the kernel to the modes it sends, or with
+    # FUSE_DONT_MASK by Changes (fusecaps); what the server makes for itself passes
+    # explicit, private modes.
     os.umask(0)
     try:
         parts = build_core(config)

@@ -138,6 +138,10 @@ class UnionOperations(pyfuse3.Operations):
     """FUSE requests on a union's `Core`."""
 
     enable_acl = True
+    #: The kernel leaves the caller's umask to us (pyfuse3 patch 0002; ignored by a stock
+    #: pyfuse3, where the kernel applies it): `Changes` applies it unless the parent has a
+    #: default ACL, as POSIX says and kernel overlayfs does.
+    enable_dont_mask = True
 
     def __init__(self, core: Core, uid_map: IdMap = IDENTITY,
                  gid_map: IdMap = IDENTITY) -> None:
@@ -161,7 +165,9 @@ class UnionOperations(pyfuse3.Operations):
 
     def _caller(self, ctx: pyfuse3.RequestContext) -> Caller:
         """The caller, with ids as stored on disk."""
-        return Caller(uid=self.uid_map.to_disk(ctx.uid), gid=self.gid_map.to_disk(ctx.gid))
+        return Caller(uid=self.uid_map.to_disk(ctx.uid), gid=self.gid_map.to_disk(ctx.gid),
+                      # Without FUSE_DONT_MASK the kernel has applied it already.
+                      umask=ctx.umask if fusecaps.CAPS.dont_mask else 0)
 
     # ------------------------------------------------------------ helpers
 
