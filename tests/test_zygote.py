@@ -147,3 +147,22 @@ def test_no_server_when_turned_off(tmp_path: Path, zdir: Path) -> None:
 
 def test_the_program_knows_the_offline_commands() -> None:
     assert quick._COMMANDS == {*cli.SUBCOMMANDS, *cli.IMAGE_COMMANDS}
+
+
+def test_a_reinstalled_pyfuse3_makes_the_server_stale(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Switching between the stock and the patched pyfuse3 reinstalls its extension
+    module: the code stamp a server compares before each request changes with it."""
+    import pyfuse3
+
+    from unionfs import zygote
+
+    ext = tmp_path / "pyfuse3.so"
+    ext.write_bytes(b"one build")
+    monkeypatch.setattr(pyfuse3, "__file__", str(ext))
+    loaded = zygote._code_stamp()
+    assert zygote._code_stamp() == loaded
+    new = tmp_path / "new.so"
+    new.write_bytes(b"another build")
+    os.replace(new, ext)  # what pip does
+    assert zygote._code_stamp() != loaded

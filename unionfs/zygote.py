@@ -14,8 +14,8 @@ for root, ``$XDG_RUNTIME_DIR/unionfs`` for a user), and the server answers only 
 peer with its own uid (SO_PEERCRED). A server serves one mount namespace and one
 user namespace, those it was started in: they are part of the socket's name, so a
 caller elsewhere starts its own. The server exits when idle (``UNIONFS_ZYGOTE_IDLE``
-seconds, default 900) and as soon as the unionfs code on disk differs from the code
-it loaded. ``UNIONFS_ZYGOTE=0`` turns it off; ``UNIONFS_ZYGOTE_DIR`` puts the socket
+seconds, default 900) and as soon as the unionfs code (or pyfuse3) on disk differs
+from the code it loaded. ``UNIONFS_ZYGOTE=0`` turns it off; ``UNIONFS_ZYGOTE_DIR`` puts the socket
 elsewhere (tests).
 """
 
@@ -109,10 +109,16 @@ def _reap() -> None:
 
 
 def _code_stamp() -> tuple[tuple[str, int], ...]:
-    """What identifies the unionfs code on disk: each module's name and mtime."""
+    """What identifies the code on disk: each unionfs module's name and mtime, and
+    pyfuse3's extension module (a reinstall makes a new file: switching between the stock
+    and the patched build, README "pyfuse3 patches")."""
+    import pyfuse3
+
     here = os.path.dirname(os.path.abspath(__file__))
-    return tuple(sorted((name, os.stat(os.path.join(here, name)).st_mtime_ns)
-                        for name in os.listdir(here) if name.endswith(".py")))
+    ext = os.stat(pyfuse3.__file__ or "")
+    return (*sorted((name, os.stat(os.path.join(here, name)).st_mtime_ns)
+                    for name in os.listdir(here) if name.endswith(".py")),
+            ("pyfuse3", ext.st_ino), ("pyfuse3", ext.st_mtime_ns))
 
 
 def _handle(conn: socket.socket) -> int:
