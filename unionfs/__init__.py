@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import sys
 import types
 
@@ -22,11 +21,10 @@ def _defer(name: str) -> None:
     attribute anyone reads from it."""
     if name in sys.modules:
         return
-    spec = importlib.util.find_spec(name)
-    if spec is None:
-        return
+    # No search for the module now (importlib.util alone costs the warm server's client,
+    # which imports this package and must start fast, 7 ms): one that is missing fails
+    # to import on first use instead.
     stand_in = types.ModuleType(name, f"Stands in for {name} until it is used (unionfs).")
-    stand_in.__spec__ = spec
 
     def __getattr__(attr: str) -> object:
         if sys.modules.get(name) is stand_in:
