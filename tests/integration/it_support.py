@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -24,8 +25,22 @@ import tarfile
 import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def debian_base() -> ModuleType:
+    """scripts/debian_base.py (a Debian minbase and a layer of .debs), loaded once."""
+    if "debian_base" in sys.modules:
+        return sys.modules["debian_base"]
+    path = REPO / "scripts" / "debian_base.py"
+    spec = importlib.util.spec_from_file_location("debian_base", path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["debian_base"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
 
 MOUNT_PROGRAM_ENV = "UNIONFS_IT_MOUNT_PROGRAM"
 

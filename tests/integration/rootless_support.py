@@ -14,15 +14,12 @@ Everything runs as the test user, with a time limit on the whole process group.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import signal
 import struct
-import sys
 from pathlib import Path
-from types import ModuleType
 
-from it_support import CMD_TIMEOUT, REPO, CommandFailed, Result
+from it_support import CMD_TIMEOUT, CommandFailed, Result, debian_base
 from rootless import SYSTEM_PATH, ChildFailed, User, chown_tree, run_group
 
 #: The host settings ANCHORS.md lists, for a user: root-less limits cannot be raised here
@@ -136,19 +133,6 @@ BUILD_USER = "build"
 CAP_SETGID, CAP_SETUID = 6, 7
 
 
-def _debian_base() -> ModuleType:
-    """scripts/debian_base.py, loaded once (test_it_rootfs.py loads it the same way)."""
-    if "debian_base" in sys.modules:
-        return sys.modules["debian_base"]
-    path = REPO / "scripts" / "debian_base.py"
-    spec = importlib.util.spec_from_file_location("debian_base", path)
-    assert spec is not None and spec.loader is not None, path
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["debian_base"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
 def _file_caps(*caps: int) -> bytes:
     """A security.capability xattr (VFS_CAP_REVISION_2, effective) granting ``caps``."""
     permitted = sum(1 << c for c in caps)
@@ -165,7 +149,7 @@ def buildah_image_tar(work: Path, uid: int, gid: int) -> Path:
     newuidmap may not write the uid_map of a user namespace it does not own (the kernel
     wants CAP_SYS_ADMIN over it), while one running as the user, which owns it, may.
     """
-    db = _debian_base()
+    db = debian_base()
     base = db.minbase()
     debs = db.debs_layer(None, base, [list(BUILDAH_PACKAGES)])
     upper, wd, mnt = work / "upper", work / "work", work / "rootfs"

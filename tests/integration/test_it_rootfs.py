@@ -23,15 +23,14 @@ dpkg, dpkg-statoverride, sh, find, sort, less, file, cpio, md5sum, python3, xz.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from it_support import debian_base
 from mounts import (
     OVERLAY_OPTS,
     READER_OPTS,
@@ -43,20 +42,7 @@ from mounts import (
     snapshot,
 )
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _load_debian_base() -> ModuleType:
-    path = REPO / "scripts" / "debian_base.py"
-    spec = importlib.util.spec_from_file_location("debian_base", path)
-    assert spec is not None and spec.loader is not None, path
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["debian_base"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-db = _load_debian_base()
+db = debian_base()
 
 pytestmark = pytest.mark.usefixtures("mount_guard")
 
