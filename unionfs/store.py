@@ -114,25 +114,31 @@ class Store:
     # ------------------------------------------------------------ locks
 
     @contextlib.contextmanager
-    def _flock(self, path: str, mode: int, waiting: str | None = None) -> Iterator[None]:
+    def _flock(self, path: str, mode: int, waiting: str | None = None,
+               block: bool = True) -> Iterator[bool]:
+        """Hold the lock file *path* in *mode*; yields whether it is held (always, unless
+        *block* is false and someone else holds it)."""
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
             try:
                 fcntl.flock(fd, mode | fcntl.LOCK_NB)
             except BlockingIOError:
+                if not block:
+                    yield False
+                    return
                 if waiting and sys.stderr.isatty():
                     print(f"unionmount: waiting for {waiting}", file=sys.stderr)
                 fcntl.flock(fd, mode)
-            yield
+            yield True
         finally:
             os.close(fd)
 
-    def shared(self) -> contextlib.AbstractContextManager[None]:
+    def shared(self) -> contextlib.AbstractContextManager[bool]:
         """While held, no layer is removed (`gc` waits)."""
         return self._flock(os.path.join(self.root, "store.lock"), fcntl.LOCK_SH,
                            "a store gc to finish")
 
-    def exclusive(self) -> contextlib.AbstractContextManager[None]:
+    def exclusive(self) -> contextlib.AbstractContextManager[bool]:
         return self._flock(os.path.join(self.root, "store.lock"), fcntl.LOCK_EX,
                            "the store's other users to finish")
 
@@ -202,16 +208,9 @@ class Store:
     def clean_temps(self) -> int:
         """Remove what crashed processes left in STORE/tmp: the directories nobody holds
         locked. Returns how many."""
-        fd = os.open(self._sweep_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
-                     0o600)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return 0  # a directory is being made right now: sweep another time
-            return self._sweep()
-        finally:
-            os.close(fd)
+        with self._flock(self._sweep_lock, fcntl.LOCK_EX, block=False) as held:
+            # Not held: a directory is being made right now; sweep another time.
+            return self._sweep() if held else 0
 
     @property
     def _sweep_lock(self) -> str:
