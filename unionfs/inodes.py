@@ -110,6 +110,14 @@ class Node:
         flat = self._links
         return any(flat[i] is parent and flat[i + 1] == name for i in range(0, len(flat), 2))
 
+    def add_link(self, parent: Node, name: bytes) -> None:
+        if not self.has_link(parent, name):
+            self._links = (*self._links, parent, name)
+
+    def drop_link(self, parent: Node, name: bytes) -> None:
+        self.links = tuple(pair for pair in self.links
+                           if pair[0] is not parent or pair[1] != name)
+
     @property
     def keys(self) -> tuple[Key, ...]:
         """The layer entries this node is (its origin, then its copies)."""
@@ -194,15 +202,14 @@ class InodeTable:
         assert parent.is_dir, parent
         old = parent.children.get(name)
         if old is not None and old is not node:
-            _drop_link(old, parent, name)
+            old.drop_link(parent, name)
         parent.children[name] = node
-        if not node.has_link(parent, name):
-            node._links = (*node._links, parent, name)
+        node.add_link(parent, name)
 
     def unlink(self, parent: Node, name: bytes) -> Node | None:
         node = parent.children.pop(name, None)
         if node is not None:
-            _drop_link(node, parent, name)
+            node.drop_link(parent, name)
         return node
 
     def remember(self, node: Node) -> None:
@@ -224,12 +231,8 @@ class InodeTable:
         for parent, name in node.links:
             if parent.children.get(name) is node:
                 del parent.children[name]
-        node._links = ()
+        node.links = ()
         return node
-
-
-def _drop_link(node: Node, parent: Node, name: bytes) -> None:
-    node.links = tuple(pair for pair in node.links if pair[0] is not parent or pair[1] != name)
 
 
 class FileHandle:
