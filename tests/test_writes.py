@@ -846,6 +846,31 @@ def _metadata_changes(m) -> None:
 
 
 @unionfs_only
+def test_written_times_reach_the_upper(union, base):
+    """With the writeback cache the kernel keeps a written file's mtime (at its clock's
+    granularity) and sends it later, perhaps before the last pages: the upper ends with
+    the mtime the mount showed, for a file written in many pages, a new one, and a lower
+    file given old times then appended to."""
+    m = union(*base)
+    block = os.urandom(4096)
+    fd = os.open(m / "big", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        for _ in range(8192):  # 32 MiB in 4 KiB writes: many WRITEs queue behind others
+            os.write(fd, block)
+    finally:
+        os.close(fd)
+    (m / "small").write_bytes(b"small")
+    os.utime(m / "g", ns=(5, 7))
+    with open(m / "g", "ab") as f:
+        f.write(b"more")
+    names = ("big", "small", "g")
+    shown = {name: os.stat(m / name).st_mtime_ns for name in names}
+    assert shown["g"] > 7
+    m.unmount()
+    assert {name: os.stat(m.upper / name).st_mtime_ns for name in names} == shown
+
+
+@unionfs_only
 @metacopy_modes
 def test_overlayfs_reads_our_upper(union, base, tmp_path, options, reader):
     m = union(*base, options=options)

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 from unionfs import whiteout
 from unionfs.copyup import CopyUp, Data, temp_name
-from unionfs.inodes import Node, NodeState
+from unionfs.inodes import FileHandle, Node, NodeState
 from unionfs.layers import Found, lstat_at, open_dir_at
-from unionfs.sysc import RENAME_EXCHANGE, fd_path, remove_at, renameat2
+from unionfs.sysc import RENAME_EXCHANGE, fd_path, remove_at, renameat2, set_mtime
 from unionfs.union import VIRTUAL_XATTRS, Union, error
 
 #: The mode bits chown(2) clears on a non-directory: set again after it. (The kernel
@@ -252,8 +252,26 @@ class Changes:
         which we cannot: the change is refused, never made to bring the name back)."""
         return error(errno.ENOENT, node.name)
 
+    def write(self, handle: FileHandle, off: int, buf: bytes) -> int:
+        """Write to an open file. With the writeback cache the kernel owns a regular
+        file's mtime: it keeps the one it was given (or set itself, at its own clock's
+        granularity) and sends it in a setattr when it changed it, perhaps before
+        the pages it wrote reach us. So a write here must not move the upper's mtime
+        (it would, to a finer time than the kernel shows): it is put back."""
+        handle.node.changed()
+        mtime = handle.kernel_mtime_ns
+        if self.writeback and mtime is None:
+            mtime = handle.kernel_mtime_ns = os.fstat(handle.fd).st_mtime_ns
+        written = os.pwrite(handle.fd, buf, off)
+        if mtime is not None:
+            set_mtime(handle.fd, mtime)
+        return written
+
     async def setattr(self, node: Node, attrs: SetAttrs, fd: int | None) -> None:
         node.changed()
+        if self.writeback and attrs.mtime_ns is not None:
+            for handle in node.handles or ():
+                handle.kernel_mtime_ns = attrs.mtime_ns
         if not self._found(node):
             self._setattr_unlinked(node, attrs, fd)
             return
@@ -306,9 +324,12 @@ class Changes:
         if fd is None:
             fd = self._own_fd(node)
         if fd is None:
-            if node.layer is not self.view.upper:
+            if node.layer is not self.view.upper and not (
+                    self.writeback and attrs == SetAttrs(mtime_ns=attrs.mtime_ns)):
                 raise self._gone(node)
-            return  # nothing of it is left to change
+            # nothing of it is left to change (with the writeback cache, the kernel
+            # flushes the times it cached of a file read, then deleted, as it closes)
+            return
         if attrs.size is not None:
             os.ftruncate(fd, attrs.size)
         if attrs.uid is not None or attrs.gid is not None:

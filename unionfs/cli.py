@@ -119,7 +119,7 @@ def parse_config(argv: list[str]) -> tuple[MountConfig, argparse.Namespace]:
     fsync = True
     metacopy: bool | None = None
     userxattr = False
-    writeback = False
+    writeback = True
     ids: dict[str, str] = {}
     for text in args.options:
         for item in split_options(text):

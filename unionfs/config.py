@@ -55,10 +55,9 @@ class MountConfig:
     metacopy: bool | None = None
     #: -o userxattr: write the kernel's unprivileged format even where trusted xattrs work
     userxattr: bool = False
-    #: -o writeback=1: the kernel's writeback cache. Off by default: the kernel then
-    #: keeps a written file's mtime in memory, and the upper on disk does not get it
-    #: (the differential tests compare the two and fail).
-    writeback: bool = False
+    #: The kernel's writeback cache (-o writeback=0 turns it off): the kernel keeps
+    #: written pages and a regular file's size and times, and sends them later.
+    writeback: bool = True
     uid_map: IdMap = IDENTITY
     gid_map: IdMap = IDENTITY
 

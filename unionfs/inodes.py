@@ -244,6 +244,9 @@ class FileHandle:
         self.node = node
         self.fd = fd
         self.source = source
+        #: With the kernel's writeback cache: the node's mtime as the kernel has it,
+        #: which `Changes.write` keeps on the upper over its writes.
+        self.kernel_mtime_ns: int | None = None
         if node.handles is None:
             node.handles = []
         node.handles.append(self)

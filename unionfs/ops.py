@@ -358,9 +358,7 @@ class UnionOperations(pyfuse3.Operations):
 
     @boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        handle = self.handles.files[fh]
-        handle.node.changed()
-        return os.pwrite(handle.fd, buf, off)
+        return self.core.changes.write(self.handles.files[fh], off, buf)
 
     @boundary
     async def fsync(self, fh: int, datasync: bool) -> None:

@@ -24,6 +24,25 @@ def renameat2(olddirfd: int, oldname: bytes, newdirfd: int, newname: bytes, flag
         raise OSError(err, os.strerror(err), oldname, None, newname)
 
 
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+_UTIME_OMIT = (1 << 30) - 2
+_futimens = _libc.futimens
+_futimens.argtypes = [ctypes.c_int, ctypes.POINTER(_Timespec)]
+_futimens.restype = ctypes.c_int
+
+
+def set_mtime(fd: int, mtime_ns: int) -> None:
+    """futimens(2) of the mtime alone (the atime left as it is, which os.utime cannot)."""
+    times = (_Timespec * 2)(_Timespec(0, _UTIME_OMIT),
+                            _Timespec(*divmod(mtime_ns, 1_000_000_000)))
+    if _futimens(fd, times) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
 _SYS_MOUNT_SETATTR = 442  # the same number on every architecture (a new-style syscall)
 AT_FDCWD = -100
 MOUNT_ATTR_NOSUID = 0x2

@@ -451,6 +451,43 @@ async def test_writeback_opens_write_only_files_read_write(stacks: Stacks, write
         _close(fd)
 
 
+@pytest.mark.parametrize("writeback", [False, True])
+async def test_with_writeback_a_write_keeps_the_mtime_the_kernel_has(stacks: Stacks,
+                                                                   writeback: bool) -> None:
+    """The kernel owns a written file's mtime with the writeback cache: a write leaves
+    the upper's as it was, or as the kernel's last setattr gave it (pages written
+    before that setattr may arrive after it)."""
+    c = stacks.core({"f": "x"}, writeback=writeback)
+    f = node(c.view, "f")
+    handle = FileHandle(f, await c.changes.open(f, os.O_WRONLY), c.view.data_source(f))
+    up = stacks.upper / "f"
+    try:
+        os.utime(up, ns=(3, 5))
+        c.changes.write(handle, 0, b"y")
+        assert (os.stat(up).st_mtime_ns == 5) is writeback
+        assert os.stat(up).st_atime_ns == 3  # the write leaves the atime alone
+        await c.changes.setattr(f, SetAttrs(mtime_ns=7), None)
+        c.changes.write(handle, 1, b"z")
+        assert up.read_bytes() == b"yz"
+        assert (os.stat(up).st_mtime_ns == 7) is writeback
+    finally:
+        handle.close()
+
+
+async def test_with_writeback_the_kernel_may_flush_times_of_a_deleted_lower_file(
+        stacks: Stacks) -> None:
+    """The kernel flushes the times it cached of a file read, then deleted, as it closes
+    it: with nothing of the file left to change, that succeeds (and changes nothing)."""
+    c = stacks.core({"f": "x"}, writeback=True)
+    n, handle = await _open_then_unlink(c, "f")
+    try:
+        await c.changes.setattr(n, SetAttrs(mtime_ns=7), None)
+        with pytest.raises(OSError):
+            await c.changes.setattr(n, SetAttrs(mode=0o600), None)
+    finally:
+        handle.close()
+    assert not (stacks.upper / "f").exists() or is_char00(stacks.upper / "f")
+
 
 # --------------------------------------------------------------------------- gone names
 # A file whose name was removed while it is open can still be changed through its open
