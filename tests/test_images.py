@@ -43,8 +43,8 @@ from tests.mounts import (
     unionmount,
     wait_until,
 )
-from unionfs.config import ConfigError
-from unionfs.oci import Transport, is_reference, parse_reference, this_platform
+from unionfs.config import ConfigError, Transport, is_reference
+from unionfs.oci import parse_reference, this_platform
 
 if sys.version_info >= (3, 14):
     from compression import zstd

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
 import sys
-import types
 
 __version__ = "0.1.0"
 
@@ -24,9 +22,11 @@ def _defer(name: str) -> None:
     # No search for the module now (importlib.util alone costs the warm server's client,
     # which imports this package and must start fast, 7 ms): one that is missing fails
     # to import on first use instead.
-    stand_in = types.ModuleType(name, f"Stands in for {name} until it is used (unionfs).")
+    stand_in = type(sys)(name, f"Stands in for {name} until it is used (unionfs).")
 
     def __getattr__(attr: str) -> object:
+        import importlib  # here: the client of the warm server imports this package
+
         if sys.modules.get(name) is stand_in:
             del sys.modules[name]
         real = importlib.import_module(name)

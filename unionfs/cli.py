@@ -21,6 +21,7 @@ from unionfs.config import (
     MountConfig,
     check_fuse,
     check_unprivileged,
+    is_reference,
     parse_layers,
     validate,
 )
@@ -170,9 +171,7 @@ def parse_config(argv: list[str]) -> tuple[MountConfig, argparse.Namespace]:
 def _layers(text: str, store: str | None) -> tuple[str, ...]:
     """The lower layers: LAYERS as given, or an image reference's layers from the store
     (unpacked there first when needed)."""
-    from unionfs import oci  # a small module: parsing a reference is all it does here
-
-    if not oci.is_reference(text):
+    if not is_reference(text):
         return parse_layers(text)
     from unionfs import images
 

@@ -8,6 +8,7 @@ changes nothing a user sees.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import errno
 import os
 import shutil
@@ -15,6 +16,19 @@ import stat
 from dataclasses import dataclass, field
 
 from unionfs.idmap import IDENTITY, IdMap
+
+
+class Transport(enum.Enum):
+    """The kinds of image reference LAYERS may be instead of directories (`oci`)."""
+
+    OCI = "oci"
+    DOCKER_ARCHIVE = "docker-archive"
+
+
+def is_reference(text: str) -> bool:
+    """Whether *text* names an image (``oci:...``, ``docker-archive:...``) rather than
+    layer directories. A directory whose name starts so is given as ``./oci:x``."""
+    return any(text.startswith(t.value + ":") for t in Transport)
 
 
 class ConfigError(Exception):

@@ -23,9 +23,8 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from unionfs import images, ociexport, storeinfo, tools
-from unionfs.config import ConfigError, check_dir, parse_layers
+from unionfs.config import ConfigError, check_dir, is_reference, parse_layers
 from unionfs.layers import open_stack
-from unionfs.oci import is_reference
 from unionfs.store import Store, default_path
 
 COMMANDS = ("commit", "squash", "store")

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Self, cast
 
-from unionfs.config import ConfigError
+from unionfs.config import ConfigError, Transport
 from unionfs.layers import open_stack
 from unionfs.oci import (
     CONFIG_OCI,
@@ -48,7 +48,6 @@ from unionfs.oci import (
     LayerRef,
     LayoutSource,
     Reference,
-    Transport,
     blob_path,
     open_source,
     parse_reference,

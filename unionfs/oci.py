@@ -16,7 +16,6 @@ hands the stored bytes to the layer store, which checks them while it unpacks.
 from __future__ import annotations
 
 import contextlib
-import enum
 import errno
 import hashlib
 import json
@@ -27,7 +26,7 @@ import tarfile
 from dataclasses import dataclass
 from typing import IO, Any, BinaryIO, Self, cast
 
-from unionfs.config import ConfigError, LayerError
+from unionfs.config import ConfigError, LayerError, Transport
 
 MANIFEST_OCI = "application/vnd.oci.image.manifest.v1+json"
 MANIFEST_DOCKER = "application/vnd.docker.distribution.manifest.v2+json"
@@ -93,11 +92,6 @@ class Digest:
         return f"{self.algorithm}:{self.hex}"
 
 
-class Transport(enum.Enum):
-    OCI = "oci"
-    DOCKER_ARCHIVE = "docker-archive"
-
-
 @dataclass(frozen=True)
 class Reference:
     """Where an image is: *path* is absolute, *tag* None when not given."""
@@ -110,12 +104,6 @@ class Reference:
         path = self.path.replace("\\", "\\\\").replace(":", "\\:")
         tail = "" if self.tag is None else f":{self.tag}"
         return f"{self.transport.value}:{path}{tail}"
-
-
-def is_reference(text: str) -> bool:
-    """Whether *text* names an image (``oci:...``, ``docker-archive:...``) rather than
-    layer directories. A directory whose name starts so is given as ``./oci:x``."""
-    return any(text.startswith(t.value + ":") for t in Transport)
 
 
 def parse_reference(text: str) -> Reference:

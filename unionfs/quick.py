@@ -7,8 +7,10 @@ starting Python.
 
 from __future__ import annotations
 
+# The C socket module: socket.py would import selectors, enum and more (10 ms of a
+# start that must be quick); the methods used here are the same.
+import _socket
 import os
-import socket
 import struct
 import sys
 
@@ -61,10 +63,10 @@ def request(argv: list[str], path: str, timeout: float = 120.0) -> tuple[int, by
     """Ask the server at *path* to run *argv*; (status, stderr), or None when there is
     no (usable) server: then the caller mounts by itself."""
     try:
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     except OSError:
         return None
-    with conn:
+    try:
         conn.settimeout(timeout)
         try:
             conn.connect(path)
@@ -77,6 +79,8 @@ def request(argv: list[str], path: str, timeout: float = 120.0) -> tuple[int, by
                 reply += chunk
         except OSError:
             return None
+    finally:
+        conn.close()
     if len(reply) < STATUS.size:
         return None
     (status,) = STATUS.unpack(reply[:STATUS.size])
