@@ -181,6 +181,7 @@ ensure_venv() {
     probe=$(_venv_probe "$extras")
     if [[ -x $VENV/bin/python ]] && grep -q "$want" "$stamp_file" 2>/dev/null \
         && _venv_ok "$probe"; then
+        _compile_package
         return 0
     fi
     if ! "$VENV/bin/python" -c 'import sys' 2>/dev/null; then
@@ -197,6 +198,15 @@ ensure_venv() {
         --config-settings editable_mode=compat </dev/null
     _venv_ok "$probe" || { note "the venv still lacks one of: $probe"; return 1; }
     echo "$hash ${extras:-base}" >>"$stamp_file"
+    _compile_package
+}
+
+# The package's bytecode, as pip writes it for a regular install (an editable one has
+# none): where PYTHONDONTWRITEBYTECODE is set, every start of unionmount would otherwise
+# compile each module it imports (a mount without the warm server, 100 ms more). Only
+# what changed is compiled again.
+_compile_package() {
+    "$VENV/bin/python" -m compileall -q "$REPO/unionfs" >/dev/null || true
 }
 
 _venv_ok() {
