@@ -305,6 +305,55 @@ def test_the_kernel_reads_both_uppers_the_same(plain: Run, tmp_path: Path) -> No
     assert diff_trees(trees["k"], trees["u"]) == []
 
 
+WRITE_ONLY = bytes(range(256)) * 40  # 10,240 bytes: a page and a half past the second
+
+
+def write_only_writes(path_s: str) -> list[Any]:
+    """Run by the test user on a file of mode 0200 (it may write, not read): write-only
+    opens that append, rewrite a whole page and write a few bytes inside a page."""
+    path = Path(path_s)
+    out: list[Any] = []
+    for flags, off, data in ((os.O_APPEND, -1, b"appended"), (0, 4096, b"P" * 4096),
+                             (0, 5000, b"mid")):
+        fd = os.open(path, os.O_WRONLY | flags)
+        try:
+            out.append(os.write(fd, data) if off < 0 else os.pwrite(fd, data, off))
+        finally:
+            os.close(fd)
+    try:
+        os.close(os.open(path, os.O_RDONLY))
+        out.append("readable")
+    except OSError as e:
+        out.append(os.strerror(e.errno or 0))
+    return out
+
+
+def test_a_file_the_user_may_write_but_not_read(work: Path, user: User) -> None:
+    """With the kernel's writeback cache a write-only open is made read-write by the
+    daemon (the kernel reads the pages it fills in through it); a plain user's daemon
+    cannot read a file of mode 0200 either. The writes must still do what they do on a
+    local file, which the same user writes the same way."""
+    _, up, _ = _stack(work / "u", user)
+    local = work / "local"
+    for path in (up / "wo", local):
+        path.write_bytes(WRITE_ONLY)  # before the mount: no page of it is cached
+        os.chown(path, user.uid, user.gid)
+        os.chmod(path, 0o200)
+    mnt = work / "u" / "mnt"
+    r = run_group([*UNIONMOUNT, str(work / "u" / "layer"), "--upper", str(up), str(mnt)],
+                  user=user, env=user_env(user), cwd=work, timeout=60)
+    assert r[0] == 0, r
+    try:
+        ours = call("test_unprivileged:write_only_writes", str(mnt / "wo"), scratch=work,
+                    user=user)
+    finally:
+        run_group(["fusermount3", "-u", str(mnt)], user=user, env=user_env(user), timeout=60)
+    theirs = call("test_unprivileged:write_only_writes", str(local), scratch=work, user=user)
+    assert ours == theirs == [8, 4096, 3, os.strerror(13)]
+    assert (up / "wo").read_bytes() == local.read_bytes()
+    assert stat.S_IMODE(os.stat(up / "wo").st_mode) == 0o200
+
+
 # ---------------------------------------------------------------------------------------------
 # In the user's own namespace (where rootless podman runs a mount program)
 

@@ -10,6 +10,7 @@ interruption; its awaits are copy-ups, after which it looks again at what it che
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 from collections.abc import Callable
@@ -62,6 +63,24 @@ class Changes:
     def _access(self, flags: int) -> int:
         access = flags & os.O_ACCMODE
         return os.O_RDWR if self.writeback and access == os.O_WRONLY else access
+
+    def _open_for(self, flags: int, opener: Callable[[int], int]) -> int:
+        """*opener(access)*, with `_access`; a file the daemon may write but not read
+        (a plain user's mount of a file of mode 0200) is opened write-only, as asked,
+        and `uncached` then says so."""
+        access = self._access(flags)
+        try:
+            return opener(access)
+        except PermissionError:
+            if access == flags & os.O_ACCMODE:
+                raise
+            return opener(flags & os.O_ACCMODE)
+
+    def uncached(self, fd: int) -> bool:
+        """Whether the kernel must not cache the pages of the file open at *fd*: with
+        the writeback cache it reads a page through the handle that writes part of it,
+        and *fd* cannot read (`_open_for`)."""
+        return self.writeback and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY
 
     # ---------------------------------------------------------------- creating
 
@@ -387,13 +406,15 @@ class Changes:
             # Reopened through /proc/self/fd after its name went: the same inode.
             keep = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND
                              | os.O_ACCMODE)
-            return os.open(fd_path(self._unnamed_fd(node)),
-                           keep | self._access(flags) | os.O_CLOEXEC)
+            path = fd_path(self._unnamed_fd(node))
+            return self._open_for(flags, lambda access: os.open(
+                path, keep | access | os.O_CLOEXEC))
         if writing:
             await self.copier.copy_up(node, Data.DROP if flags & os.O_TRUNC else Data.COPY)
             if flags & os.O_TRUNC:
                 node.changed()
-        return self.view.open_data(node, (flags & ~os.O_ACCMODE) | self._access(flags))
+        return self._open_for(flags, lambda access: self.view.open_data(
+            node, (flags & ~os.O_ACCMODE) | access))
 
 
 def _has_default_acl(dir_fd: int) -> bool:

@@ -342,7 +342,10 @@ class UnionOperations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._node(inode)
         fd = await self.core.changes.open(node, flags)
-        return self._file_info(node, fd)
+        info = self._file_info(node, fd)
+        if flags & os.O_ACCMODE == os.O_WRONLY and self.core.changes.uncached(fd):
+            info.direct_io = True
+        return info
 
     @boundary
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
