@@ -56,6 +56,8 @@ def serve(path: str) -> int:
     # every daemon; a mount by image reference imports them in its own handler).
     from unionfs import cli, mount  # noqa: F401 - what this server is for
 
+    cli.prepare()
+
     loaded = _code_stamp()
     idle = float(os.environ.get("UNIONFS_ZYGOTE_IDLE", "900"))
     if os.path.exists(path):
