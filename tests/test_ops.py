@@ -421,6 +421,29 @@ async def test_statfs_and_fsyncdir(make: Ops, stacks: Stacks) -> None:
     assert await ops.fsyncdir(await _opendir(ops, ROOT), True) is None
 
 
+@pytest.mark.parametrize("fsync", [True, False])
+async def test_fsyncdir_syncs_the_upper_part(make: Ops, stacks: Stacks,
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             fsync: bool) -> None:
+    """As kernel overlayfs: a directory's upper part is synced, a lower-only directory
+    has nothing to sync, and -o fsync=0 syncs nothing."""
+    synced: list[str] = []
+
+    def record(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+
+    monkeypatch.setattr(os, "fsync", record)
+    monkeypatch.setattr(os, "fdatasync", record)
+    ops = make({"low/f": "x", "merged/g": "y"}, upper={"merged/h": "z"}, fsync=fsync)
+    for name in ("low", "merged"):
+        await ops.fsyncdir(await _opendir(ops, await _ino(ops, name)), False)
+    await ops.fsyncdir(await _opendir(ops, ROOT), True)
+    made = (await ops.mkdir(ROOT, b"new", 0o755, CTX)).st_ino
+    await ops.fsyncdir(await _opendir(ops, made), False)
+    upper = os.path.realpath(stacks.upper)
+    assert synced == ([f"{upper}/merged", upper, f"{upper}/new"] if fsync else [])
+
+
 # --------------------------------------------------------------------------- xattrs
 
 

@@ -433,7 +433,18 @@ class UnionOperations(pyfuse3.Operations):
 
     @boundary
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        return None
+        """The directory's upper part, as kernel overlayfs does (the lower layers never
+        change); nothing with ``-o fsync=0`` / ``volatile``."""
+        node = self.handles.dirs[fh].node
+        upper = self.view.upper
+        if not self.core.copier.fsync or upper is None or upper not in node.dir_layers:
+            return
+        # A copy: the view may close its cached fd (an rmdir) while the thread syncs.
+        fd = os.dup(self.view.dir_fd(node, upper))
+        try:
+            await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
+        finally:
+            os.close(fd)
 
     # ------------------------------------------------------------ xattrs
 
