@@ -606,6 +606,15 @@ class Dir:
             out.append(e)
         return out
 
+    def read_all_with_positions(self) -> list[tuple[int, bytes]]:
+        """(telldir before it, name) of each entry left to read."""
+        out = []
+        while True:
+            pos = self.tell()
+            if (e := self.read()) is None:
+                return out
+            out.append((pos, e.name))
+
     def tell(self) -> int:
         return int(_libc.telldir(self._d))
 

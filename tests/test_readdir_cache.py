@@ -168,13 +168,7 @@ def test_offsets_stay_valid_across_opens(union: UnionFactory, tmp_path: Path) ->
     l2 = build(tmp_path / "s2", {f"d/two_{i:03d}": "" for i in range(300)})
     m = union(l1, l2)
     with Dir(m / "d") as d:
-        positions = []
-        while True:
-            pos = d.tell()
-            e = d.read()
-            if e is None:
-                break
-            positions.append((pos, e.name))
+        positions = d.read_all_with_positions()
     assert len(positions) == 602
     for _ in range(2):
         with Dir(m / "d") as d:

@@ -296,13 +296,7 @@ def test_readdir_types_and_inodes_match_stat(union, tmp_path):
 def _seek_scenario(m, d: Path):
     """Read part of ``d``, change it, seek back: stable names come exactly once."""
     with Dir(d) as dirp:
-        first: list[tuple[int, bytes]] = []
-        while True:
-            pos = dirp.tell()
-            e = dirp.read()
-            if e is None:
-                break
-            first.append((pos, e.name))
+        first = dirp.read_all_with_positions()
         names = [n for _, n in first]
         assert len(names) == len(set(names))
         # change the directory while it is open
