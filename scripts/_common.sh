@@ -203,8 +203,8 @@ ensure_venv() {
 
 # The package's bytecode, as pip writes it for a regular install (an editable one has
 # none): where PYTHONDONTWRITEBYTECODE is set, every start of unionmount would otherwise
-# compile each module it imports (a mount without the warm server, 100 ms more). Only
-# what changed is compiled again.
+# compile each module it imports (importing what a mount loads took 0.34-0.42 s against
+# 0.31-0.39 s with the bytecode there). Only what changed is compiled again.
 _compile_package() {
     "$VENV/bin/python" -m compileall -q "$REPO/unionfs" >/dev/null || true
 }
